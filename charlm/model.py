@@ -1,0 +1,377 @@
+"""The recurrent language model: configuration, parameters, and the passes.
+
+A model is a stack of recurrent layers (RNN, LSTM or GRU) over one-hot
+characters, topped by a linear output layer and a softmax. The arithmetic is
+done by the Cython kernels in charlm._kernels; this module owns the
+parameters, the buffers and the order of the calls.
+
+Parameter names and layouts follow PyTorch (``weight_ih_l0``, ``weight_hh_l0``,
+``bias_ih_l0``, ``bias_hh_l0`` ... and ``out.weight``, ``out.bias``), so weights
+move to and from ``torch.nn.LSTM/GRU/RNN`` + ``torch.nn.Linear`` exactly.
+"""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import _kernels as K
+from .errors import UsageError
+
+CELLS = ("lstm", "gru", "rnn", "rnn-relu")
+GATES_PER_UNIT = {"lstm": 4, "gru": 3, "rnn": 1, "rnn-relu": 1}
+DTYPES = {"float32": np.float32, "float64": np.float64}
+MAX_HIDDEN = 16384
+MAX_LAYERS = 64
+
+
+@dataclass(frozen=True)
+class Config:
+    """What defines a model's architecture (saved in every model file)."""
+
+    vocab_size: int
+    cell: str = "lstm"
+    hidden: int = 128
+    layers: int = 2
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _require_int("vocab_size", self.vocab_size, 1, 2**31 - 1)
+        _require_int("hidden", self.hidden, 1, MAX_HIDDEN)
+        _require_int("layers", self.layers, 1, MAX_LAYERS)
+        if self.cell not in CELLS:
+            raise UsageError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r}; choose float32 or float64")
+
+    @property
+    def gates(self):
+        """Rows of gate pre-activations per layer: G = gates_per_unit * hidden."""
+        return GATES_PER_UNIT[self.cell] * self.hidden
+
+    @property
+    def np_dtype(self):
+        return DTYPES[self.dtype]
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        if not isinstance(d, dict):
+            raise UsageError("model config must be a JSON object")
+        known = {"vocab_size", "cell", "hidden", "layers", "dtype"}
+        unknown = set(d) - known
+        if unknown:
+            raise UsageError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def _require_int(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise UsageError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def parameter_shapes(config):
+    """Name -> shape of every parameter, in PyTorch's layout and naming."""
+    V, H, G = config.vocab_size, config.hidden, config.gates
+    shapes = {}
+    for layer in range(config.layers):
+        inputs = V if layer == 0 else H
+        shapes[f"weight_ih_l{layer}"] = (G, inputs)
+        shapes[f"weight_hh_l{layer}"] = (G, H)
+        shapes[f"bias_ih_l{layer}"] = (G,)
+        shapes[f"bias_hh_l{layer}"] = (G,)
+    shapes["out.weight"] = (V, H)
+    shapes["out.bias"] = (V,)
+    return shapes
+
+
+def init_parameters(config, seed=0):
+    """Xavier-uniform weights, zero biases, LSTM forget-gate bias 1.
+
+    Xavier (Glorot) keeps the variance of activations and gradients roughly
+    constant from layer to layer at the start. Each gate block is its own
+    (H, inputs) matrix, so the limit is computed per block. The forget bias
+    of 1 starts the LSTM remembering, which helps gradients flow early on.
+    """
+    rng = np.random.default_rng(seed)
+    dtype = config.np_dtype
+    H, k = config.hidden, GATES_PER_UNIT[config.cell]
+    params = {}
+    for name, shape in parameter_shapes(config).items():
+        if len(shape) == 1:
+            params[name] = np.zeros(shape, dtype)
+            continue
+        rows, cols = shape
+        block_rows = H if name.startswith("weight_") else rows
+        limit = np.sqrt(6.0 / (block_rows + cols))
+        params[name] = rng.uniform(-limit, limit, shape).astype(dtype)
+    if config.cell == "lstm":
+        for layer in range(config.layers):
+            params[f"bias_ih_l{layer}"][H:2 * H] = 1.0
+    assert all(p.flags.c_contiguous for p in params.values()) and k > 0
+    return params
+
+
+@dataclass
+class State:
+    """The recurrent state carried between chunks: h (and c for LSTM), (layers, B, H)."""
+
+    h: np.ndarray
+    c: np.ndarray = None
+
+    def copy(self):
+        return State(self.h.copy(), None if self.c is None else self.c.copy())
+
+
+class _LayerCache:
+    """What one layer's forward pass keeps for its backward pass."""
+
+    def __init__(self, config, T, B):
+        H, G, dtype = config.hidden, config.gates, config.np_dtype
+        self.gates = np.empty((T, B, G), dtype)     # activated gates (or pre-activations)
+        self.h = np.empty((T + 1, B, H), dtype)     # h[0] = initial state
+        self.output = self.h[1:]                    # what the next layer sees
+        self.dropout_mask = None
+        if config.cell == "lstm":
+            self.c = np.empty((T + 1, B, H), dtype)
+            self.tanh_c = np.empty((T, B, H), dtype)
+        if config.cell == "gru":
+            self.hn = np.empty((T, B, H), dtype)
+            self.hh = np.empty((B, G), dtype)
+
+
+class Model:
+    """A character-level recurrent language model.
+
+    Example:
+        >>> from charlm.model import Config, Model
+        >>> m = Model(Config(vocab_size=5, cell="lstm", hidden=8, layers=2))
+        >>> x = np.zeros((4, 3), np.int32); y = np.ones((4, 3), np.int32)
+        >>> loss, grads, state = m.loss_and_grads(x, y, m.zero_state(3))
+    """
+
+    def __init__(self, config, params=None, seed=0):
+        self.config = config
+        self.params = init_parameters(config, seed) if params is None else params
+        self._check_params()
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._workspace_key = None
+
+    # -- state ---------------------------------------------------------------
+
+    def zero_state(self, batch_size):
+        """The all-zero initial state for `batch_size` streams."""
+        c = self.config
+        shape = (c.layers, batch_size, c.hidden)
+        h = np.zeros(shape, c.np_dtype)
+        return State(h, np.zeros(shape, c.np_dtype) if c.cell == "lstm" else None)
+
+    @property
+    def num_parameters(self):
+        return int(sum(p.size for p in self.params.values()))
+
+    # -- passes --------------------------------------------------------------
+
+    def loss_and_grads(self, x, y, state, dropout=0.0, rng=None, state_grad=None):
+        """Forward and truncated-BPTT backward over one chunk.
+
+        x, y: (T, B) int ids; y[t, b] is the character after x[t, b].
+        state: the State at the start of the chunk (not modified).
+        dropout: inverted-dropout probability on every layer's output
+            (training only); rng: a numpy Generator for the masks.
+        state_grad: if a State is given, it receives dL/d(initial state).
+
+        Returns (mean loss in nats, grads, final State). `grads` is the
+        model's own buffer dict (name -> array), overwritten by the next call.
+        """
+        x, y = self._check_chunk(x, y, state)
+        caches = self._forward(x, state, dropout, rng)
+        logits = self._logits(caches[-1])
+        loss = K.softmax_cross_entropy(logits, y.reshape(-1))   # logits -> dlogits
+        self._backward(x, caches, logits, state_grad)
+        return loss, self.grads, self._final_state(caches)
+
+    def loss(self, x, y, state):
+        """Forward only: (mean loss in nats, final State)."""
+        x, y = self._check_chunk(x, y, state)
+        caches = self._forward(x, state, 0.0, None)
+        logp = self._target_log_probs(caches[-1], y)
+        return float(-logp.mean()), self._final_state(caches)
+
+    def log_probs(self, x, y, state):
+        """Forward only: (log p(y[t,b] | history) in nats as (T, B) float64, final State)."""
+        x, y = self._check_chunk(x, y, state)
+        caches = self._forward(x, state, 0.0, None)
+        logp = self._target_log_probs(caches[-1], y)
+        return logp.reshape(y.shape), self._final_state(caches)
+
+    # -- forward -------------------------------------------------------------
+
+    def _forward(self, x, state, dropout, rng):
+        T, B = x.shape
+        caches = self._workspace(T, B)
+        below = None
+        for layer, cache in enumerate(caches):
+            self._project_inputs(layer, x, below, cache)
+            self._recur(layer, state, cache)
+            cache.dropout_mask = None
+            below = cache.h[1:]
+            if dropout > 0.0:
+                cache.dropout_mask = _dropout_mask(rng, below.shape, dropout, below.dtype)
+                below = below * cache.dropout_mask
+            cache.output = below
+        return caches
+
+    def _project_inputs(self, layer, x, below, cache):
+        """cache.gates = W_ih x + bias for all T*B rows (bias: see _projection_bias)."""
+        p, N = self.params, x.size
+        bias = self._projection_bias(layer)
+        gates = cache.gates.reshape(N, -1)
+        if layer == 0:
+            W_ihT = np.ascontiguousarray(p["weight_ih_l0"].T)   # (V, G): rows to gather
+            K.input_from_ids(x.reshape(-1), W_ihT, bias, gates)
+        else:
+            K.input_from_dense(_rows(below), p[f"weight_ih_l{layer}"], bias, gates)
+
+    def _projection_bias(self, layer):
+        """b_ih + b_hh folded together, except for the GRU, whose b_hn sits inside r*(.)."""
+        b_ih = self.params[f"bias_ih_l{layer}"]
+        if self.config.cell == "gru":
+            return b_ih
+        return b_ih + self.params[f"bias_hh_l{layer}"]
+
+    def _recur(self, layer, state, cache):
+        cell, W_hh = self.config.cell, self.params[f"weight_hh_l{layer}"]
+        cache.h[0] = state.h[layer]
+        if cell == "lstm":
+            cache.c[0] = state.c[layer]
+            K.lstm_forward(cache.gates, W_hh, cache.h, cache.c, cache.tanh_c)
+        elif cell == "gru":
+            b_hh = self.params[f"bias_hh_l{layer}"]
+            K.gru_forward(cache.gates, W_hh, b_hh, cache.h, cache.hn, cache.hh)
+        else:
+            K.rnn_forward(cell == "rnn-relu", cache.gates, W_hh, cache.h)
+
+    def _logits(self, top):
+        logits = self._logits_buffer
+        K.output_forward(_rows(top.output), self.params["out.weight"],
+                         self.params["out.bias"], logits)
+        return logits
+
+    def _target_log_probs(self, top, y):
+        logits = self._logits(top)
+        logp = np.empty(y.size, np.float64)
+        K.target_log_probs(logits, y.reshape(-1), logp)
+        return logp
+
+    def _final_state(self, caches):
+        h = np.stack([cache.h[-1] for cache in caches])
+        c = np.stack([cache.c[-1] for cache in caches]) if self.config.cell == "lstm" else None
+        return State(h, c)
+
+    # -- backward ------------------------------------------------------------
+
+    def _backward(self, x, caches, dlogits, state_grad):
+        """Gradients into self.grads, top layer first."""
+        top = caches[-1]
+        d_output = np.empty((x.size, self.config.hidden), self.config.np_dtype)
+        K.output_backward(_rows(top.output), self.params["out.weight"], dlogits,
+                          self.grads["out.weight"], self.grads["out.bias"], d_output)
+        for layer in range(len(caches) - 1, -1, -1):
+            d_output = self._backward_layer(layer, x, caches, d_output, state_grad)
+
+    def _backward_layer(self, layer, x, caches, d_output, state_grad):
+        """Backward through one layer; returns dL/d(layer's input) for the layer below."""
+        cache, g, p = caches[layer], self.grads, self.params
+        T, B = x.shape
+        dh_out = d_output.reshape(T, B, -1)
+        if cache.dropout_mask is not None:
+            dh_out = dh_out * cache.dropout_mask
+        dgates, dgates_h = self._backward_recurrence(layer, cache, dh_out, state_grad)
+        N = x.size
+        db = g[f"bias_ih_l{layer}"]
+        if layer == 0:
+            dW_ihT = np.empty((self.config.vocab_size, self.config.gates), self.config.np_dtype)
+            K.input_from_ids_backward(x.reshape(-1), dgates.reshape(N, -1), dW_ihT, db)
+            g["weight_ih_l0"][...] = dW_ihT.T
+            d_below = None
+        else:
+            below = caches[layer - 1].output
+            d_below = np.empty((N, self.config.hidden), self.config.np_dtype)
+            K.input_from_dense_backward(_rows(below), p[f"weight_ih_l{layer}"],
+                                        dgates.reshape(N, -1), g[f"weight_ih_l{layer}"],
+                                        db, d_below)
+        if dgates_h is None:            # LSTM/RNN: both biases enter the sum equally
+            g[f"bias_hh_l{layer}"][...] = db
+        return d_below
+
+    def _backward_recurrence(self, layer, cache, dh_out, state_grad):
+        """Runs the cell's BPTT kernel; returns (dgates for W_ih, dgates for W_hh or None)."""
+        cell, g = self.config.cell, self.grads
+        W_hh, dW_hh = self.params[f"weight_hh_l{layer}"], g[f"weight_hh_l{layer}"]
+        T, B, H = dh_out.shape
+        dtype = self.config.np_dtype
+        dh_carry = np.zeros((B, H), dtype)
+        dgates = np.empty_like(cache.gates)
+        dgates_h = None
+        if cell == "lstm":
+            dc_carry = np.zeros((B, H), dtype)
+            K.lstm_backward(cache.gates, W_hh, cache.h, cache.c, cache.tanh_c, dh_out,
+                            dh_carry, dc_carry, dgates, dW_hh)
+            if state_grad is not None:
+                state_grad.c[layer] = dc_carry
+        elif cell == "gru":
+            dgates_h = np.empty_like(cache.gates)
+            K.gru_backward(cache.gates, cache.hn, W_hh, cache.h, dh_out, dh_carry,
+                           dgates, dgates_h, dW_hh, g[f"bias_hh_l{layer}"])
+        else:
+            K.rnn_backward(cell == "rnn-relu", cache.h, W_hh, dh_out, dh_carry, dgates, dW_hh)
+        if state_grad is not None:
+            state_grad.h[layer] = dh_carry
+        return dgates, dgates_h
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _workspace(self, T, B):
+        """Per-layer buffers for a (T, B) chunk, reused while the shape is unchanged."""
+        if self._workspace_key != (T, B):
+            c = self.config
+            self._caches = [_LayerCache(c, T, B) for _ in range(c.layers)]
+            self._logits_buffer = np.empty((T * B, c.vocab_size), c.np_dtype)
+            self._workspace_key = (T, B)
+        return self._caches
+
+    def _check_chunk(self, x, y, state):
+        x = np.ascontiguousarray(x, dtype=np.int32)
+        y = np.ascontiguousarray(y, dtype=np.int32)
+        if x.ndim != 2 or x.shape != y.shape or x.size == 0:
+            raise ValueError(f"x and y must be non-empty (T, B) arrays, got {x.shape} and {y.shape}")
+        c = self.config
+        expected = (c.layers, x.shape[1], c.hidden)
+        if state.h.shape != expected or (c.cell == "lstm" and state.c.shape != expected):
+            raise ValueError(f"state must be {expected}")
+        return x, y
+
+    def _check_params(self):
+        shapes = parameter_shapes(self.config)
+        if set(shapes) != set(self.params):
+            raise ValueError("parameter names do not match the config")
+        for name, shape in shapes.items():
+            p = self.params[name]
+            if p.shape != shape or p.dtype != self.config.np_dtype or not p.flags.c_contiguous:
+                raise ValueError(f"parameter {name} must be a contiguous {shape} {self.config.dtype} array")
+
+
+def _rows(a):
+    """View a (T, B, H) array as (T*B, H) rows, contiguous."""
+    return np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+
+
+def _dropout_mask(rng, shape, p, dtype):
+    """Inverted dropout: keep with probability 1-p and scale by 1/(1-p),
+    so that nothing needs rescaling at evaluation time."""
+    keep = 1.0 - p
+    return (rng.random(shape) < keep).astype(dtype) / dtype.type(keep)

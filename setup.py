@@ -1,0 +1,57 @@
+"""Build the Cython kernels (charlm._kernels).
+
+Two environment variables change the build:
+
+CHARLM_DEBUG_KERNELS=1  turn Cython's bounds, wraparound and initialisation
+                        checks back on. Slow; used for one CI pass of the tests
+                        so an indexing bug shows up as an IndexError, not as
+                        silent memory corruption.
+CHARLM_PORTABLE=1       do not pass -march=native. Use this when building a
+                        wheel to run on other machines. By default the kernels
+                        are compiled for the CPU that builds them, so the
+                        vectorised loops use its full SIMD width (AVX2,
+                        AVX-512...) without the user passing any flag.
+
+-O3 is used; -ffast-math/-Ofast never are, because they change floating-point
+semantics for the whole process (flush-to-zero, reassociation, no NaN checks).
+"""
+
+import os
+import sys
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+debug = _flag("CHARLM_DEBUG_KERNELS")
+portable = _flag("CHARLM_PORTABLE")
+
+compile_args = ["-O3"]
+if not portable and sys.platform != "win32":
+    compile_args.append("-march=native")
+if debug:
+    compile_args = ["-O1", "-g"]
+
+directives = {
+    "language_level": 3,
+    "boundscheck": debug,
+    "wraparound": debug,
+    "initializedcheck": debug,
+    "cdivision": True,
+    "embedsignature": True,
+}
+
+extensions = [
+    Extension(
+        "charlm._kernels",
+        ["charlm/_kernels.pyx"],
+        extra_compile_args=compile_args,
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives))
