@@ -89,30 +89,44 @@ def parameter_shapes(config):
 
 
 def init_parameters(config, seed=0):
-    """Xavier-uniform weights, zero biases, LSTM forget-gate bias 1.
+    """Xavier-uniform input and output weights, orthogonal recurrent weights,
+    zero biases, and an LSTM forget-gate bias of 1.
 
     Xavier (Glorot) keeps the variance of activations and gradients roughly
-    constant from layer to layer at the start. Each gate block is its own
-    (H, inputs) matrix, so the limit is computed per block. The forget bias
-    of 1 starts the LSTM remembering, which helps gradients flow early on.
+    constant from layer to layer at the start; each gate block is its own
+    (H, inputs) matrix, so the limit is computed per block. Each recurrent
+    gate block is an orthogonal (H, H) matrix: all its singular values are 1,
+    so at the start repeated multiplication through time neither shrinks nor
+    blows up the gradient (the vanishing/exploding-gradient story, avoided at
+    step 0). The forget bias of 1 starts the LSTM remembering, which helps
+    gradients flow early on (Jozefowicz et al., 2015).
     """
     rng = np.random.default_rng(seed)
     dtype = config.np_dtype
-    H, k = config.hidden, GATES_PER_UNIT[config.cell]
+    H = config.hidden
     params = {}
     for name, shape in parameter_shapes(config).items():
         if len(shape) == 1:
             params[name] = np.zeros(shape, dtype)
-            continue
-        rows, cols = shape
-        block_rows = H if name.startswith("weight_") else rows
-        limit = np.sqrt(6.0 / (block_rows + cols))
-        params[name] = rng.uniform(-limit, limit, shape).astype(dtype)
+        elif name.startswith("weight_hh"):
+            blocks = [_orthogonal(rng, H) for _ in range(shape[0] // H)]
+            params[name] = np.concatenate(blocks).astype(dtype)
+        else:
+            rows, cols = shape
+            block_rows = H if name.startswith("weight_") else rows
+            limit = np.sqrt(6.0 / (block_rows + cols))
+            params[name] = rng.uniform(-limit, limit, shape).astype(dtype)
     if config.cell == "lstm":
         for layer in range(config.layers):
             params[f"bias_ih_l{layer}"][H:2 * H] = 1.0
-    assert all(p.flags.c_contiguous for p in params.values()) and k > 0
     return params
+
+
+def _orthogonal(rng, n):
+    """A random (n, n) orthogonal matrix: Q of the QR of a Gaussian matrix,
+    with the signs fixed so that Q is uniformly distributed (Haar)."""
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
 
 
 @dataclass
@@ -135,12 +149,18 @@ class _LayerCache:
         self.h = np.empty((T + 1, B, H), dtype)     # h[0] = initial state
         self.output = self.h[1:]                    # what the next layer sees
         self.dropout_mask = None
+        # backward buffers, allocated with the forward ones and reused
+        self.dgates = np.empty((T, B, G), dtype)    # dL/d(gate pre-activations)
+        self.dh_carry = np.empty((B, H), dtype)     # dL/dh flowing back through time
+        self.d_input = np.empty((T * B, H), dtype)  # dL/d(layer input) (unused for layer 0)
         if config.cell == "lstm":
             self.c = np.empty((T + 1, B, H), dtype)
             self.tanh_c = np.empty((T, B, H), dtype)
+            self.dc_carry = np.empty((B, H), dtype)
         if config.cell == "gru":
             self.hn = np.empty((T, B, H), dtype)
             self.hh = np.empty((B, G), dtype)
+            self.dgates_h = np.empty((T, B, G), dtype)  # dL/d(W_hh h + b_hh)
 
 
 class Model:
@@ -172,6 +192,43 @@ class Model:
     @property
     def num_parameters(self):
         return int(sum(p.size for p in self.params.values()))
+
+    # -- exchange with PyTorch -------------------------------------------------
+
+    def torch_state_dict(self):
+        """The parameters under the keys of a torch module with
+        ``rnn = nn.LSTM(V, H, L)`` (or nn.GRU, or nn.RNN with the same
+        nonlinearity) and ``decoder = nn.Linear(H, V)``, as numpy copies.
+
+        Load them with ``module.load_state_dict({k: torch.from_numpy(v) ...})``;
+        for one-hot inputs the module then gives the same log-probabilities.
+        """
+        return {torch_key(name): p.copy() for name, p in self.params.items()}
+
+    @classmethod
+    def from_torch_state_dict(cls, state_dict, cell, dtype="float32"):
+        """The inverse of torch_state_dict: a Model from numpy (or torch CPU)
+        arrays under ``rnn.*`` and ``decoder.*`` keys. The sizes are read from
+        the shapes; the keys and shapes must then match exactly."""
+        arrays = {key: np.asarray(value) for key, value in state_dict.items()}
+        if "decoder.weight" not in arrays or arrays["decoder.weight"].ndim != 2:
+            raise UsageError("state dict lacks a 2-D decoder.weight")
+        vocab_size, hidden = arrays["decoder.weight"].shape
+        layers = sum(1 for key in arrays if key.startswith("rnn.weight_hh_l"))
+        config = Config(vocab_size=vocab_size, cell=cell, hidden=hidden,
+                        layers=layers, dtype=dtype)
+        expected = {torch_key(name): shape for name, shape in parameter_shapes(config).items()}
+        if set(arrays) != set(expected):
+            raise UsageError(f"state dict keys do not match a {layers}-layer {cell}: "
+                             f"expected {sorted(expected)}")
+        params = {}
+        for name in parameter_shapes(config):
+            value = arrays[torch_key(name)]
+            if value.shape != expected[torch_key(name)]:
+                raise UsageError(f"{torch_key(name)} has shape {value.shape}, "
+                                 f"expected {expected[torch_key(name)]}")
+            params[name] = np.ascontiguousarray(value, dtype=config.np_dtype)
+        return cls(config, params)
 
     # -- passes --------------------------------------------------------------
 
@@ -277,7 +334,7 @@ class Model:
     def _backward(self, x, caches, dlogits, state_grad):
         """Gradients into self.grads, top layer first."""
         top = caches[-1]
-        d_output = np.empty((x.size, self.config.hidden), self.config.np_dtype)
+        d_output = self._d_top_buffer
         K.output_backward(_rows(top.output), self.params["out.weight"], dlogits,
                           self.grads["out.weight"], self.grads["out.bias"], d_output)
         for layer in range(len(caches) - 1, -1, -1):
@@ -294,13 +351,13 @@ class Model:
         N = x.size
         db = g[f"bias_ih_l{layer}"]
         if layer == 0:
-            dW_ihT = np.empty((self.config.vocab_size, self.config.gates), self.config.np_dtype)
+            dW_ihT = self._dW_ihT_buffer
             K.input_from_ids_backward(x.reshape(-1), dgates.reshape(N, -1), dW_ihT, db)
             g["weight_ih_l0"][...] = dW_ihT.T
             d_below = None
         else:
             below = caches[layer - 1].output
-            d_below = np.empty((N, self.config.hidden), self.config.np_dtype)
+            d_below = cache.d_input
             K.input_from_dense_backward(_rows(below), p[f"weight_ih_l{layer}"],
                                         dgates.reshape(N, -1), g[f"weight_ih_l{layer}"],
                                         db, d_below)
@@ -312,19 +369,18 @@ class Model:
         """Runs the cell's BPTT kernel; returns (dgates for W_ih, dgates for W_hh or None)."""
         cell, g = self.config.cell, self.grads
         W_hh, dW_hh = self.params[f"weight_hh_l{layer}"], g[f"weight_hh_l{layer}"]
-        T, B, H = dh_out.shape
-        dtype = self.config.np_dtype
-        dh_carry = np.zeros((B, H), dtype)
-        dgates = np.empty_like(cache.gates)
-        dgates_h = None
+        # Truncated BPTT: no gradient arrives from beyond the chunk's end.
+        dh_carry, dgates, dgates_h = cache.dh_carry, cache.dgates, None
+        dh_carry[...] = 0
         if cell == "lstm":
-            dc_carry = np.zeros((B, H), dtype)
+            dc_carry = cache.dc_carry
+            dc_carry[...] = 0
             K.lstm_backward(cache.gates, W_hh, cache.h, cache.c, cache.tanh_c, dh_out,
                             dh_carry, dc_carry, dgates, dW_hh)
             if state_grad is not None:
                 state_grad.c[layer] = dc_carry
         elif cell == "gru":
-            dgates_h = np.empty_like(cache.gates)
+            dgates_h = cache.dgates_h
             K.gru_backward(cache.gates, cache.hn, W_hh, cache.h, dh_out, dh_carry,
                            dgates, dgates_h, dW_hh, g[f"bias_hh_l{layer}"])
         else:
@@ -341,6 +397,8 @@ class Model:
             c = self.config
             self._caches = [_LayerCache(c, T, B) for _ in range(c.layers)]
             self._logits_buffer = np.empty((T * B, c.vocab_size), c.np_dtype)
+            self._d_top_buffer = np.empty((T * B, c.hidden), c.np_dtype)
+            self._dW_ihT_buffer = np.empty((c.vocab_size, c.gates), c.np_dtype)
             self._workspace_key = (T, B)
         return self._caches
 
@@ -363,6 +421,13 @@ class Model:
             p = self.params[name]
             if p.shape != shape or p.dtype != self.config.np_dtype or not p.flags.c_contiguous:
                 raise ValueError(f"parameter {name} must be a contiguous {shape} {self.config.dtype} array")
+
+
+def torch_key(name):
+    """charlm's parameter name -> the key in a torch module of ``rnn`` + ``decoder``."""
+    if name.startswith("out."):
+        return "decoder." + name[len("out."):]
+    return "rnn." + name
 
 
 def _rows(a):

@@ -149,3 +149,23 @@ def test_out_of_range_ids_are_rejected_before_the_kernels():
     y[1, 1] = -1
     with pytest.raises(ValueError, match="out of range"):
         model.loss_and_grads(x, y, state)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_initialisation(cell):
+    """Orthogonal recurrent gate blocks, zero biases but the LSTM forget gate's 1."""
+    config = Config(vocab_size=9, cell=cell, hidden=6, layers=2, dtype="float64")
+    params = Model(config, seed=4).params
+    H = config.hidden
+    for layer in range(2):
+        W_hh = params[f"weight_hh_l{layer}"]
+        for block in np.split(W_hh, W_hh.shape[0] // H):
+            np.testing.assert_allclose(block @ block.T, np.eye(H), atol=1e-12)
+        bias = params[f"bias_ih_l{layer}"]
+        expected = np.zeros_like(bias)
+        if cell == "lstm":
+            expected[H:2 * H] = 1.0
+        np.testing.assert_array_equal(bias, expected)
+    limit = np.sqrt(6.0 / (H + 9))         # Xavier for the one-hot input block
+    assert np.abs(params["weight_ih_l0"]).max() <= limit
+    assert np.abs(params["weight_ih_l0"]).max() > 0.8 * limit
