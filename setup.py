@@ -50,7 +50,8 @@ extensions = [
         "charlm._kernels",
         ["charlm/_kernels.pyx"],
         extra_compile_args=compile_args,
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+                       ("CHARLM_DEBUG_BUILD", "1" if debug else "0")],
     )
 ]
 

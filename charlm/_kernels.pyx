@@ -30,6 +30,17 @@ ctypedef fused real:
     float
     double
 
+cdef extern from *:
+    """
+    #ifndef CHARLM_DEBUG_BUILD
+    #define CHARLM_DEBUG_BUILD 0
+    #endif
+    """
+    int CHARLM_DEBUG_BUILD
+
+# True when built with CHARLM_DEBUG_KERNELS=1 (bounds and wraparound checks on).
+DEBUG_BUILD = bool(CHARLM_DEBUG_BUILD)
+
 
 # ---------------------------------------------------------------------------
 # Small helpers

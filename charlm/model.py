@@ -22,6 +22,7 @@ GATES_PER_UNIT = {"lstm": 4, "gru": 3, "rnn": 1, "rnn-relu": 1}
 DTYPES = {"float32": np.float32, "float64": np.float64}
 MAX_HIDDEN = 16384
 MAX_LAYERS = 64
+MAX_WORKSPACES = 3   # training, validation and sampling shapes
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,16 @@ class _LayerCache:
             self.dgates_h = np.empty((T, B, G), dtype)  # dL/d(W_hh h + b_hh)
 
 
+@dataclass
+class _Workspace:
+    """Every buffer the passes over a (T, B) chunk need."""
+
+    caches: list
+    logits: np.ndarray      # (T*B, V), overwritten by dlogits in training
+    d_top: np.ndarray       # (T*B, H): dL/d(top layer's output)
+    dW_ihT: np.ndarray      # (V, G): the scatter-added first-layer gradient
+
+
 class Model:
     """A character-level recurrent language model.
 
@@ -178,7 +189,8 @@ class Model:
         self.params = init_parameters(config, seed) if params is None else params
         self._check_params()
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self._workspace_key = None
+        self._workspaces = {}
+        self._current = None
 
     # -- state ---------------------------------------------------------------
 
@@ -265,6 +277,14 @@ class Model:
         logp = self._target_log_probs(caches[-1], y)
         return logp.reshape(y.shape), self._final_state(caches)
 
+    def next_logits(self, x, state):
+        """Forward only, for sampling: x (T, B) ids -> (logits of the last step
+        as a new (B, V) array, final State)."""
+        x, _ = self._check_chunk(x, x, state)
+        caches = self._forward(x, state, 0.0, None)
+        B = x.shape[1]
+        return self._logits(caches[-1])[-B:].copy(), self._final_state(caches)
+
     # -- forward -------------------------------------------------------------
 
     def _forward(self, x, state, dropout, rng):
@@ -313,7 +333,7 @@ class Model:
             K.rnn_forward(cell == "rnn-relu", cache.gates, W_hh, cache.h)
 
     def _logits(self, top):
-        logits = self._logits_buffer
+        logits = self._current.logits
         K.output_forward(_rows(top.output), self.params["out.weight"],
                          self.params["out.bias"], logits)
         return logits
@@ -334,7 +354,7 @@ class Model:
     def _backward(self, x, caches, dlogits, state_grad):
         """Gradients into self.grads, top layer first."""
         top = caches[-1]
-        d_output = self._d_top_buffer
+        d_output = self._current.d_top
         K.output_backward(_rows(top.output), self.params["out.weight"], dlogits,
                           self.grads["out.weight"], self.grads["out.bias"], d_output)
         for layer in range(len(caches) - 1, -1, -1):
@@ -351,7 +371,7 @@ class Model:
         N = x.size
         db = g[f"bias_ih_l{layer}"]
         if layer == 0:
-            dW_ihT = self._dW_ihT_buffer
+            dW_ihT = self._current.dW_ihT
             K.input_from_ids_backward(x.reshape(-1), dgates.reshape(N, -1), dW_ihT, db)
             g["weight_ih_l0"][...] = dW_ihT.T
             d_below = None
@@ -392,15 +412,20 @@ class Model:
     # -- plumbing ------------------------------------------------------------
 
     def _workspace(self, T, B):
-        """Per-layer buffers for a (T, B) chunk, reused while the shape is unchanged."""
-        if self._workspace_key != (T, B):
+        """Per-layer buffers for a (T, B) chunk, kept for the few shapes in use
+        (training, validation and sampling chunks) and reused."""
+        key = (T, B)
+        if key not in self._workspaces:
+            if len(self._workspaces) >= MAX_WORKSPACES:
+                self._workspaces.pop(next(iter(self._workspaces)))
             c = self.config
-            self._caches = [_LayerCache(c, T, B) for _ in range(c.layers)]
-            self._logits_buffer = np.empty((T * B, c.vocab_size), c.np_dtype)
-            self._d_top_buffer = np.empty((T * B, c.hidden), c.np_dtype)
-            self._dW_ihT_buffer = np.empty((c.vocab_size, c.gates), c.np_dtype)
-            self._workspace_key = (T, B)
-        return self._caches
+            self._workspaces[key] = _Workspace(
+                [_LayerCache(c, T, B) for _ in range(c.layers)],
+                logits=np.empty((T * B, c.vocab_size), c.np_dtype),
+                d_top=np.empty((T * B, c.hidden), c.np_dtype),
+                dW_ihT=np.empty((c.vocab_size, c.gates), c.np_dtype))
+        self._current = self._workspaces[key]
+        return self._current.caches
 
     def _check_chunk(self, x, y, state):
         x = np.ascontiguousarray(x, dtype=np.int32)

@@ -1,0 +1,534 @@
+"""Training throughput of charlm against PyTorch, side by side.
+
+What one training step is, for both frameworks: forward over a (T, B) chunk
+of one-hot characters, mean cross-entropy, full truncated-BPTT backward over
+the chunk, a global-norm gradient clip at 5, and an Adam update. The hidden
+state is carried (detached) from chunk to chunk. Both models start from the
+same weights (charlm's init, copied into torch), the same threads and dtype.
+
+- charlm: ``Model.loss_and_grads(x, y, state)``, then
+  ``charlm.optim.clip_by_global_norm`` and ``make_optimizer("adam", ...)``;
+  while charlm.optim does not exist, a small in-place numpy Adam defined here
+  stands in (the output says which one ran).
+- PyTorch: nn.LSTM/GRU/RNN(V, H, L) + nn.Linear(H, V) on a (T, B, V) one-hot
+  float tensor built once per chunk outside the timed region,
+  F.cross_entropy, clip_grad_norm_, torch.optim.Adam (its defaults).
+
+Method. After a warm-up (not timed), which also picks K, the steps per block,
+so that a block lasts about a second, each of R rounds times a block of K
+charlm steps and then a block of K torch steps. Interleaving the blocks makes
+slow drift of the machine (clock, neighbours) hit both alike. A block's rate
+is K*T*B / seconds in characters per second; the table gives the median over
+rounds, the ratio of the medians, charlm's matmul GFLOP/s (see
+flops_per_char) and that as a fraction of an sgemm rate measured in the same
+run through scipy's BLAS, the very OpenBLAS that charlm's kernels call.
+
+Run from the repository root (charlm built in place):
+    python benchmarks/bench_train.py --quick
+    python benchmarks/bench_train.py --threads 2 --json bench.json
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_FILE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+sys.path.insert(0, str(REPO_ROOT))   # use the charlm of this checkout
+
+import numpy as np              # noqa: E402  (after the path set-up above)
+import scipy                    # noqa: E402
+import scipy.linalg.blas        # noqa: E402
+
+import charlm                   # noqa: E402
+from charlm.errors import UsageError   # noqa: E402
+from charlm.model import Config, Model  # noqa: E402
+
+CLIP_NORM = 5.0
+LEARNING_RATE = 2e-3
+N_CHUNKS = 4           # distinct chunks cycled through; their one-hots are prebuilt
+FALLBACK_VOCAB = 65    # tiny-shakespeare's alphabet size, for the random text
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    cell: str
+    layers: int
+    hidden: int
+    batch: int
+    seq: int
+
+    @property
+    def name(self):
+        return f"{self.cell}-{self.layers}x{self.hidden}-b{self.batch}-s{self.seq}"
+
+    @property
+    def label(self):
+        cell = "rnn(tanh)" if self.cell == "rnn" else self.cell
+        return f"{cell} {self.layers}x{self.hidden} b{self.batch} s{self.seq}"
+
+
+DEFAULT_CONFIGS = [
+    BenchConfig("lstm", 1, 128, 32, 64),
+    BenchConfig("lstm", 2, 128, 50, 50),
+    BenchConfig("lstm", 2, 512, 50, 50),
+    BenchConfig("gru", 2, 512, 50, 50),
+    BenchConfig("rnn", 2, 512, 50, 50),
+]
+EXTRA_CONFIGS = [   # with --all
+    BenchConfig("gru", 1, 128, 32, 64),
+    BenchConfig("rnn", 1, 128, 32, 64),
+    BenchConfig("gru", 2, 128, 50, 50),
+    BenchConfig("rnn", 2, 128, 50, 50),
+]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long to measure: quick for a smoke test, default for real numbers."""
+
+    rounds: int
+    warmup_steps: int
+    warmup_seconds: float
+    block_seconds: float
+
+
+QUICK = Timing(rounds=2, warmup_steps=2, warmup_seconds=0.1, block_seconds=0.2)
+FULL = Timing(rounds=7, warmup_steps=3, warmup_seconds=1.0, block_seconds=1.0)
+
+
+# ---------------------------------------------------------------------------
+# Threads
+# ---------------------------------------------------------------------------
+
+def limit_threads(n):
+    """Give charlm's BLAS (scipy's OpenBLAS), numpy's and torch the same n threads.
+
+    With threadpoolctl the BLAS pools are resized in-process. Without it, the
+    only way is OPENBLAS_NUM_THREADS/OMP_NUM_THREADS read when OpenBLAS loads,
+    which has already happened: set them and re-exec this script once.
+    Returns a description for the header.
+    """
+    if importlib.util.find_spec("threadpoolctl") is not None:
+        import threadpoolctl
+        threadpoolctl.threadpool_limits(limits=n, user_api="blas")
+        pools = [f"{p['prefix']} {p['version']} ({p.get('architecture', '?')}): "
+                 f"{p['num_threads']}" for p in threadpoolctl.threadpool_info()
+                 if p["user_api"] == "blas"]
+        return "BLAS via threadpoolctl [" + "; ".join(pools) + "]"
+    wanted = str(n)
+    if os.environ.get("OPENBLAS_NUM_THREADS") != wanted:
+        os.environ["OPENBLAS_NUM_THREADS"] = wanted
+        os.environ["OMP_NUM_THREADS"] = wanted
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    return f"BLAS via OPENBLAS_NUM_THREADS={wanted}"
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+def load_ids():
+    """(int32 ids of the text, vocabulary size, description)."""
+    if DATA_FILE.is_file():
+        text = DATA_FILE.read_text(encoding="utf-8")
+        alphabet = sorted(set(text))
+        index = {ch: i for i, ch in enumerate(alphabet)}
+        ids = np.fromiter((index[ch] for ch in text), np.int32, len(text))
+        return ids, len(alphabet), f"tiny-shakespeare ({len(text):,} chars, V={len(alphabet)})"
+    ids = np.random.default_rng(0).integers(0, FALLBACK_VOCAB, 1_000_000).astype(np.int32)
+    return ids, FALLBACK_VOCAB, (f"RANDOM text, V={FALLBACK_VOCAB} ({DATA_FILE} not found; "
+                                 "speeds are unaffected, losses are meaningless)")
+
+
+def make_chunks(ids, cfg, count):
+    """`count` consecutive char-rnn chunks: B streams, each a contiguous slice
+    of the text; chunk k holds positions [k*T, (k+1)*T) of every stream."""
+    T, B = cfg.seq, cfg.batch
+    stream_len = (len(ids) - 1) // B
+    if count * T > stream_len:
+        raise UsageError(f"text too short for {count} chunks of {cfg.label}")
+    rows = np.arange(B) * stream_len
+    chunks = []
+    for k in range(count):
+        pos = rows[None, :] + (k * T + np.arange(T))[:, None]     # (T, B)
+        chunks.append((ids[pos].copy(), ids[pos + 1].copy()))
+    return chunks
+
+
+# ---------------------------------------------------------------------------
+# charlm
+# ---------------------------------------------------------------------------
+
+class FallbackAdam:
+    """FALLBACK ONLY, used while charlm.optim is missing: Adam (Kingma & Ba)
+    with torch's defaults, updating the parameter arrays in place. Scratch
+    buffers are allocated once so that a step allocates nothing, as a real
+    optimiser would."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.lr, self.eps = params, lr, eps
+        self.beta1, self.beta2 = betas
+        self.m = {k: np.zeros_like(p) for k, p in params.items()}
+        self.v = {k: np.zeros_like(p) for k, p in params.items()}
+        self.scratch = {k: np.empty_like(p) for k, p in params.items()}
+        self.t = 0
+
+    def step(self, grads):
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        step_size = self.lr / (1 - b1 ** self.t)
+        root_bc2 = math.sqrt(1 - b2 ** self.t)
+        for name, p in self.params.items():
+            g, m, v, tmp = grads[name], self.m[name], self.v[name], self.scratch[name]
+            m *= b1
+            np.multiply(g, 1 - b1, out=tmp)
+            m += tmp
+            v *= b2
+            np.multiply(g, g, out=tmp)
+            tmp *= 1 - b2
+            v += tmp
+            # p -= step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+            np.sqrt(v, out=tmp)
+            tmp /= root_bc2
+            tmp += self.eps
+            np.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp
+
+
+def fallback_clip_by_global_norm(grads, max_norm):
+    """FALLBACK ONLY: scale all gradients in place so their joint L2 norm is at
+    most max_norm. Returns (norm before clipping, whether it clipped), as
+    charlm.optim.clip_by_global_norm does."""
+    norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
+    if not norm > max_norm:
+        return norm, False
+    scale = max_norm / norm
+    for g in grads.values():
+        g *= scale
+    return norm, True
+
+
+def charlm_optimiser_api():
+    """(make_optimizer, clip_by_global_norm, description): charlm.optim's when
+    it can be imported, else the fallbacks above."""
+    try:
+        from charlm.optim import clip_by_global_norm, make_optimizer
+        return make_optimizer, clip_by_global_norm, "charlm.optim Adam"
+    except ImportError:
+        def make(kind, params, lr):
+            assert kind == "adam"
+            return FallbackAdam(params, lr)
+        return make, fallback_clip_by_global_norm, "FALLBACK numpy Adam (charlm.optim missing)"
+
+
+class CharlmTrainer:
+    def __init__(self, cfg, vocab_size, dtype, chunks, optimiser_api):
+        make_optimizer, self.clip, _ = optimiser_api
+        config = Config(vocab_size=vocab_size, cell=cfg.cell, hidden=cfg.hidden,
+                        layers=cfg.layers, dtype=dtype)
+        self.model = Model(config, seed=0)
+        self.optimiser = make_optimizer("adam", self.model.params, LEARNING_RATE)
+        self.chunks = chunks
+        self.state = self.model.zero_state(cfg.batch)
+        self.cursor = 0
+
+    def step(self):
+        x, y = self.chunks[self.cursor % len(self.chunks)]
+        self.cursor += 1
+        loss, grads, self.state = self.model.loss_and_grads(x, y, self.state)
+        self.clip(grads, CLIP_NORM)       # scales `grads` in place when over the limit
+        self.optimiser.step(grads)
+        return loss
+
+
+# ---------------------------------------------------------------------------
+# PyTorch
+# ---------------------------------------------------------------------------
+
+class TorchTrainer:
+    def __init__(self, torch, cfg, vocab_size, dtype, chunks, initial_weights):
+        self.torch, self.V = torch, vocab_size
+        tdtype = getattr(torch, dtype)
+        H, L = cfg.hidden, cfg.layers
+        rnn = {"lstm": lambda: torch.nn.LSTM(vocab_size, H, L),
+               "gru": lambda: torch.nn.GRU(vocab_size, H, L),
+               "rnn": lambda: torch.nn.RNN(vocab_size, H, L, nonlinearity="tanh")}[cfg.cell]()
+        self.module = torch.nn.ModuleDict(
+            {"rnn": rnn, "decoder": torch.nn.Linear(H, vocab_size)}).to(tdtype)
+        self.module.load_state_dict(
+            {k: torch.from_numpy(v) for k, v in initial_weights.items()}, strict=True)
+        self.params = list(self.module.parameters())
+        self.optimiser = torch.optim.Adam(self.params, lr=LEARNING_RATE)
+        eye = torch.eye(vocab_size, dtype=tdtype)
+        self.chunks = [(eye[torch.from_numpy(x).long()],              # (T, B, V) one-hot
+                        torch.from_numpy(y).long().reshape(-1)) for x, y in chunks]
+        zeros = torch.zeros(L, cfg.batch, H, dtype=tdtype)
+        self.state = (zeros, zeros.clone()) if cfg.cell == "lstm" else zeros
+        self.cursor = 0
+
+    def step(self):
+        torch = self.torch
+        one_hot, y = self.chunks[self.cursor % len(self.chunks)]
+        self.cursor += 1
+        hidden, state = self.module["rnn"](one_hot, self.state)
+        logits = self.module["decoder"](hidden).reshape(-1, self.V)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
+        self.optimiser.step()
+        # truncated BPTT: the next chunk starts from the values, not the graph
+        self.state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+        return loss
+
+
+def import_torch(threads):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+def time_block(trainer, steps):
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.step()
+    return time.perf_counter() - start
+
+
+def warm_up(trainer, timing):
+    """Untimed steps (allocations, caches, lazy init); returns (first-step
+    loss, steps per block K so that a block lasts about block_seconds)."""
+    first_loss = float(trainer.step())
+    durations = []
+    start = time.perf_counter()
+    while len(durations) < timing.warmup_steps or time.perf_counter() - start < timing.warmup_seconds:
+        durations.append(time_block(trainer, 1))
+    per_step = statistics.median(durations[-timing.warmup_steps:])
+    return first_loss, max(1, round(timing.block_seconds / per_step))
+
+
+def flops_per_char(cfg, vocab_size, gates_per_unit):
+    """Matmul FLOPs of forward + backward for one character (one of N = T*B rows).
+
+    With H hidden, G = gates_per_unit*H gate rows, L layers, V vocab, per row:
+      forward   layer 0 input projection: a row gather, 0
+                layers 1..L-1 input projection: 2*H*G each
+                recurrent product, every layer:  2*H*G
+                output layer:                    2*H*V
+      backward  every product above costs twice its forward (one product for
+                the weight gradient, one for the gradient of its other operand);
+                layer 0's scatter-add again counts 0
+      total     3 * 2 * (H*G*(2L - 1) + H*V) = 6 * (H*G*(2L - 1) + H*V)
+    Element-wise cell maths, softmax, clipping and Adam are not counted.
+    """
+    H, L, V = cfg.hidden, cfg.layers, vocab_size
+    G = gates_per_unit * H
+    return 6 * (H * G * (2 * L - 1) + H * V)
+
+
+def gemm_rate(rows, H, G, dtype, timing, rng):
+    """Median GFLOP/s of scipy's ?gemm on charlm's shape (rows, H) @ (H, G),
+    called exactly as the kernels call it: gates += h @ W_hh.T, row-major,
+    expressed for column-major BLAS with no copies."""
+    gemm = scipy.linalg.blas.sgemm if dtype == "float32" else scipy.linalg.blas.dgemm
+    h = rng.standard_normal((rows, H)).astype(dtype) * 0.1
+    W = rng.standard_normal((G, H)).astype(dtype) * 0.1
+    gates = np.zeros((rows, G), dtype)
+
+    def call():
+        gemm(1.0, W.T, h.T, beta=1.0, c=gates.T, trans_a=1, overwrite_c=1)
+
+    start = time.perf_counter()
+    calls = 0
+    while calls < 3 or time.perf_counter() - start < timing.warmup_seconds / 4:
+        call()
+        calls += 1
+    per_call = (time.perf_counter() - start) / calls
+    block = max(1, round(timing.block_seconds / 4 / per_call))
+    rates = []
+    for _ in range(timing.rounds):
+        start = time.perf_counter()
+        for _ in range(block):
+            call()
+        rates.append(2 * rows * H * G * block / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates), rates
+
+
+def bench_config(cfg, ids, vocab_size, dtype, timing, torch, optimiser_api, log):
+    chunks = make_chunks(ids, cfg, N_CHUNKS)
+    chars_per_step = cfg.seq * cfg.batch
+    ours = CharlmTrainer(cfg, vocab_size, dtype, chunks, optimiser_api)
+    contenders = {"charlm": ours}
+    if torch is not None:
+        contenders["torch"] = TorchTrainer(torch, cfg, vocab_size, dtype, chunks,
+                                           ours.model.torch_state_dict())
+    first_loss, steps = {}, {}
+    for name, trainer in contenders.items():
+        first_loss[name], steps[name] = warm_up(trainer, timing)
+    rates = {name: [] for name in contenders}
+    for r in range(timing.rounds):
+        for name, trainer in contenders.items():
+            seconds = time_block(trainer, steps[name])
+            rates[name].append(steps[name] * chars_per_step / seconds)
+        log(f"  round {r + 1}/{timing.rounds}: " + ", ".join(
+            f"{name} {rates[name][-1]:,.0f} chars/s" for name in contenders))
+
+    rng = np.random.default_rng(1)
+    G = ours.model.config.gates
+    step_gemm, step_gemm_rounds = gemm_rate(cfg.batch, cfg.hidden, G, dtype, timing, rng)
+    big_gemm, big_gemm_rounds = gemm_rate(chars_per_step, cfg.hidden, G, dtype, timing, rng)
+
+    medians = {name: statistics.median(v) for name, v in rates.items()}
+    flops = flops_per_char(cfg, vocab_size, G // cfg.hidden)
+    charlm_gflops = medians["charlm"] * flops / 1e9
+    return {
+        "config": cfg.name, "label": cfg.label,
+        "T": cfg.seq, "B": cfg.batch, "H": cfg.hidden, "L": cfg.layers, "G": G, "V": vocab_size,
+        "steps_per_block": steps, "first_step_loss": first_loss,
+        "chars_per_s_rounds": rates, "chars_per_s_median": medians,
+        "ratio": medians["charlm"] / medians["torch"] if "torch" in medians else None,
+        "flops_per_char": flops, "charlm_gflops": charlm_gflops,
+        "gemm_step_gflops": step_gemm, "gemm_step_gflops_rounds": step_gemm_rounds,
+        "gemm_rows_gflops": big_gemm, "gemm_rows_gflops_rounds": big_gemm_rounds,
+        "pct_of_gemm_peak": 100 * charlm_gflops / max(step_gemm, big_gemm),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header_lines(threads, thread_note, dtype, torch, data_note, optimiser_note):
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = (f"python {platform.python_version()}, numpy {np.__version__}, "
+                f"scipy {scipy.__version__}, charlm {charlm.__version__}, "
+                f"torch {torch.__version__ if torch else 'not installed'}")
+    coretype = os.environ.get("OPENBLAS_CORETYPE")
+    return [
+        f"Machine: {cpu_model()}, {os.cpu_count()} logical cores ({usable} usable)"
+        + (f", OPENBLAS_CORETYPE={coretype}" if coretype else ""),
+        f"Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"Versions: {versions}",
+        f"Threads: {threads} ({thread_note}; torch.set_num_threads({threads}))",
+        f"dtype: {dtype}; data: {data_note}; charlm optimiser: {optimiser_note}; "
+        f"step = forward + mean CE + BPTT + clip {CLIP_NORM:g} + Adam lr {LEARNING_RATE:g}",
+    ]
+
+
+def markdown_table(results):
+    lines = ["| config | charlm chars/s | torch chars/s | ratio | charlm GFLOP/s "
+             "| % of GEMM peak | sgemm BxH@HxG GFLOP/s | sgemm TBxH@HxG GFLOP/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        med = r["chars_per_s_median"]
+        torch_rate = f"{med['torch']:,.0f}" if "torch" in med else "—"
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "—"
+        lines.append(f"| {r['label']} | {med['charlm']:,.0f} | {torch_rate} | {ratio} "
+                     f"| {r['charlm_gflops']:.1f} | {r['pct_of_gemm_peak']:.0f}% "
+                     f"| {r['gemm_step_gflops']:.1f} | {r['gemm_rows_gflops']:.1f} |")
+    return lines
+
+
+def select_configs(names, include_all):
+    available = DEFAULT_CONFIGS + EXTRA_CONFIGS
+    if not names:
+        return available if include_all else DEFAULT_CONFIGS
+    by_name = {c.name: c for c in available}
+    chosen = []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        if name not in by_name:
+            raise UsageError(f"unknown config {name!r}; choose from {', '.join(by_name)}")
+        chosen.append(by_name[name])
+    return chosen
+
+
+def parse_args(argv):
+    all_names = ", ".join(c.name for c in DEFAULT_CONFIGS + EXTRA_CONFIGS)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="",
+                   help=f"comma-separated config names (default: the standard five). "
+                        f"Known: {all_names}")
+    p.add_argument("--all", action="store_true", help="also the small GRU/RNN configs")
+    p.add_argument("--quick", action="store_true", help="few short rounds: a smoke test")
+    p.add_argument("--threads", type=int, default=2, help="threads for BLAS and torch (default 2)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--rounds", type=int, default=None, help="override the number of rounds")
+    p.add_argument("--json", metavar="PATH", help="also write the raw per-round numbers here")
+    return p.parse_args(argv)
+
+
+def run(args):
+    if args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    thread_note = limit_threads(args.threads)
+    timing = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        if args.rounds < 1:
+            raise UsageError("--rounds must be at least 1")
+        timing = Timing(args.rounds, timing.warmup_steps, timing.warmup_seconds, timing.block_seconds)
+    configs = select_configs(args.configs, args.all)
+    torch = import_torch(args.threads)
+    optimiser_api = charlm_optimiser_api()
+    ids, vocab_size, data_note = load_ids()
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    results = []
+    for cfg in configs:
+        log(f"{cfg.label}:")
+        results.append(bench_config(cfg, ids, vocab_size, args.dtype, timing, torch,
+                                    optimiser_api, log))
+    header = header_lines(args.threads, thread_note, args.dtype, torch, data_note,
+                          optimiser_api[2])
+    print("\n".join(header + [""] + markdown_table(results)))
+    print(f"\nMedians over {timing.rounds} interleaved rounds. GFLOP/s counts matmul FLOPs only "
+          "(6*(H*G*(2L-1) + H*V) per char); % of GEMM peak is against the faster of the two "
+          "sgemm shapes timed through the same OpenBLAS.")
+    if torch is None:
+        print("torch is not installed: charlm's numbers only.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"header": header, "timing": asdict(timing), "results": results}, indent=2))
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

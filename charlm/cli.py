@@ -1,0 +1,203 @@
+"""The `charlm` command line.
+
+Every failure a user can cause ends in one line on stderr and a distinct
+exit code, never a traceback:
+    2  usage error (a bad option or argument)
+    3  data error (a corpus or text that cannot be used, an unwritable output)
+    4  model file error (missing, corrupt or not a charlm model)
+    5  training diverged (the loss stayed non-finite)
+    130 interrupted (Ctrl-C), after saving what there was to save
+"""
+
+import functools
+import re
+import sys
+
+import click
+from click.core import ParameterSource
+
+from . import __version__
+from .errors import CharlmError
+
+MAX_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _friendly_errors(command):
+    """Turn charlm's own errors into a one-line message and its exit code."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CharlmError as error:
+            click.echo(f"charlm: error: {error}", err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("charlm: interrupted", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("charlm: error: out of memory; try a smaller --hidden or --batch-size",
+                       err=True)
+            sys.exit(3)
+        except BrokenPipeError:
+            sys.stderr.close()     # e.g. `charlm sample m | head`: nothing more to say
+            sys.exit(0)
+    return wrapper
+
+
+def _duration(text):
+    """'600', '90s', '10m', '1.5h' -> seconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhd]?)\s*", str(text))
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 600, 90s, 10m or 1.5h")
+    return float(match.group(1)) * MAX_TIME_UNITS.get(match.group(2) or "s")
+
+
+def _limit_threads(threads):
+    """Set the BLAS thread count for this process (0: leave the default)."""
+    if threads:
+        from threadpoolctl import threadpool_limits
+        return threadpool_limits(limits=threads, user_api="blas")
+    return None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="charlm")
+def main():
+    """charlm: character-level RNN, LSTM and GRU language models on the CPU."""
+
+
+# --- train -----------------------------------------------------------------------
+
+def _train_options(function):
+    from .train import TrainOptions
+    d = TrainOptions()
+    from .model import CELLS, DTYPES
+    from .optim import OPTIMIZERS, SCHEDULES
+    options = [
+        click.option("--cell", type=click.Choice(CELLS), default=d.cell, show_default=True,
+                     help="Recurrent cell."),
+        click.option("--layers", type=int, default=d.layers, show_default=True),
+        click.option("--hidden", type=int, default=d.hidden, show_default=True,
+                     help="Hidden units per layer."),
+        click.option("--batch-size", type=int, default=d.batch_size, show_default=True,
+                     help="Parallel contiguous streams (B)."),
+        click.option("--seq-length", type=int, default=d.seq_length, show_default=True,
+                     help="Steps of truncated BPTT per chunk (T)."),
+        click.option("--dropout", type=float, default=d.dropout, show_default=True,
+                     help="Inverted dropout on each layer's output, training only."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=d.optimizer,
+                     show_default=True),
+        click.option("--lr", type=float, default=d.lr, show_default=True,
+                     help="Learning rate (the peak, with a schedule)."),
+        click.option("--schedule", type=click.Choice(SCHEDULES), default=d.schedule,
+                     show_default=True, help="Learning-rate schedule over --max-steps."),
+        click.option("--warmup-steps", type=int, default=d.warmup_steps, show_default=True),
+        click.option("--lr-decay", type=float, default=d.lr_decay, show_default=True,
+                     help="Factor for --schedule step."),
+        click.option("--lr-decay-every", type=int, default=d.lr_decay_every, show_default=True,
+                     help="Steps between decays for --schedule step."),
+        click.option("--min-lr-frac", type=float, default=d.min_lr_frac, show_default=True,
+                     help="Final lr / lr for cosine and linear schedules."),
+        click.option("--clip-norm", type=float, default=d.clip_norm, show_default=True,
+                     help="Clip the global gradient norm to this (direction kept); 0: off."),
+        click.option("--clip-value", type=float, default=d.clip_value, show_default=True,
+                     help="Clip each gradient element to [-v, v]; 0: off."),
+        click.option("--val-frac", type=float, default=d.val_frac, show_default=True,
+                     help="The last part of the file held out for validation."),
+        click.option("--max-steps", type=int, default=d.max_steps, show_default=True,
+                     help="Stop after this many optimiser steps in all (over resumes); 0: none."),
+        click.option("--max-epochs", type=float, default=d.max_epochs, show_default=True,
+                     help="Stop after this many passes over the training text; 0: none."),
+        click.option("--max-time", type=str, default="0",
+                     help="Stop after this long, e.g. 600, 90s, 10m, 1.5h; 0: none."),
+        click.option("--eval-every", type=int, default=d.eval_every, show_default=True,
+                     help="Steps between validation, checkpoint and log line."),
+        click.option("--sample-every", type=int, default=d.sample_every, show_default=True,
+                     help="Steps between printed samples; 0: never."),
+        click.option("--sample-length", type=int, default=d.sample_length, show_default=True),
+        click.option("--seed", type=int, default=d.seed, show_default=True),
+        click.option("--threads", type=int, default=d.threads,
+                     help="BLAS threads; 0: BLAS's default (all cores)."),
+        click.option("--dtype", type=click.Choice(tuple(DTYPES)), default=d.dtype,
+                     show_default=True),
+        click.option("--encoding", default=d.encoding, show_default=True,
+                     help="The corpus's text encoding."),
+        click.option("--errors", default=d.errors, show_default=True,
+                     help="What to do with undecodable bytes: strict, replace, ignore..."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@main.command()
+@click.argument("corpus", type=click.Path(dir_okay=True))
+@_train_options
+@click.option("--out", type=click.Path(), default=None,
+              help="Checkpoint path [default: runs/<corpus name>.safetensors, or --resume's].")
+@click.option("--resume", type=click.Path(), default=None,
+              help="Continue from this checkpoint (with --out the same path: in place).")
+@click.option("--force", is_flag=True, help="Replace an existing --out instead of refusing.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (log lines only).")
+@click.pass_context
+@_friendly_errors
+def train(ctx, corpus, out, resume, force, no_progress, **values):
+    """Train a model on the text file CORPUS."""
+    import os
+
+    from .train import Trainer, TrainOptions
+    values["max_time"] = _duration(values["max_time"])
+    options = TrainOptions(**values)
+    overrides = [name for name in values
+                 if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if out is None:
+        stem = os.path.splitext(os.path.basename(os.path.normpath(corpus)))[0] or "model"
+        out = resume or os.path.join("runs", stem + ".safetensors")
+    limits = _limit_threads(options.threads)
+    try:
+        trainer = Trainer(corpus, out, options, resume=resume, overrides=overrides,
+                          echo=click.echo, progress_bar=not no_progress, force=force)
+        trainer.run()
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
+
+
+# --- sample ----------------------------------------------------------------------
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--length", type=int, default=500, show_default=True,
+              help="Characters to write; 0: until Ctrl-C.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--prime", default=None, help="Text to start from (default: a newline).")
+@click.option("--seed", type=int, default=None, help="Same seed, same model: same text.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--argmax", is_flag=True, help="Always take the most likely character.")
+@click.option("--threads", type=int, default=0)
+@_friendly_errors
+def sample(model, length, temperature, prime, seed, top_k, top_p, argmax, threads):
+    """Write text from a trained MODEL to stdout, as it is produced."""
+    from .lm import load
+    if length < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--length")
+    _limit_threads(threads)
+    lm = load(model)
+    if prime:
+        _emit(prime)
+    for text in lm.generate(length, temperature=temperature, prime=prime, seed=seed,
+                            top_k=top_k, top_p=top_p, argmax=argmax):
+        _emit(text)
+    _emit("\n")
+
+
+def _emit(text):
+    """Write to stdout as valid UTF-8 whatever the locale, and flush, so
+    characters appear as they are produced."""
+    sys.stdout.buffer.write(text.encode("utf-8", "replace"))
+    sys.stdout.buffer.flush()
+
+
+if __name__ == "__main__":
+    main()

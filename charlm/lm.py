@@ -1,0 +1,98 @@
+"""The Python API: a trained model with its vocabulary.
+
+    >>> import charlm
+    >>> m = charlm.load("runs/demo.safetensors")        # doctest: +SKIP
+    >>> print(m.sample(200, temperature=0.8, prime="ANNA:\\n", seed=1))   # doctest: +SKIP
+    >>> m.bits_per_char("some held-out text")           # doctest: +SKIP
+"""
+
+import numpy as np
+
+from . import checkpoint, evaluate
+from .errors import UsageError
+from .sampling import generate_ids
+
+
+def load(path):
+    """Load a model or checkpoint file written by `charlm train` (safetensors,
+    validated; no pickle). Returns a LanguageModel.
+
+    >>> m = charlm.load("runs/demo.safetensors")        # doctest: +SKIP
+    """
+    loaded = checkpoint.load(path)
+    return LanguageModel(loaded.model, loaded.vocab, loaded.meta)
+
+
+class LanguageModel:
+    """A character-level model and its vocabulary: sample, score, save."""
+
+    def __init__(self, model, vocab, meta=None):
+        if model.config.vocab_size != vocab.size:
+            raise UsageError("the vocabulary does not match the model's vocab_size")
+        self.model = model
+        self.vocab = vocab
+        self.meta = dict(meta or {})
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def generate(self, length=500, temperature=1.0, prime=None, seed=None, top_k=None,
+                 top_p=None, argmax=False):
+        """Yield generated characters one at a time (length 0: unbounded).
+
+        The prime (default: a newline, or the first character of the
+        vocabulary) conditions the model and is not repeated in the output.
+
+        >>> "".join(m.generate(50, seed=0))                 # doctest: +SKIP
+        """
+        prime_ids = self._prime_ids(prime)
+        rng = np.random.default_rng(seed)
+        for ids in generate_ids(self.model, prime_ids, length, rng, temperature=temperature,
+                                top_k=top_k, top_p=top_p, argmax=argmax):
+            yield self.vocab.decode(ids[:1])
+
+    def sample(self, length=500, temperature=1.0, prime=None, seed=None, top_k=None,
+               top_p=None, argmax=False):
+        """The generated text as one str (see generate).
+
+        >>> m.sample(100, temperature=0.8, prime="ROMEO:", seed=1)   # doctest: +SKIP
+        """
+        if not length:
+            raise UsageError("sample() needs a length > 0; use generate() for unbounded text")
+        return "".join(self.generate(length, temperature, prime, seed, top_k, top_p, argmax))
+
+    def log_probs(self, text):
+        """log p(character k | characters before it) in nats, for k = 2..n (float64 array).
+
+        >>> m.log_probs("hello").shape                      # doctest: +SKIP
+        (4,)
+        """
+        return evaluate.log_probs(self.model, self.vocab.encode(text))
+
+    def bits_per_char(self, text):
+        """Mean -log2 p over characters 2..n of text, from a zero state: the
+        same figure as `charlm eval` and the training validation.
+
+        >>> m.bits_per_char("To be, or not to be")          # doctest: +SKIP
+        """
+        return evaluate.score(self.model, self.vocab.encode(text)).bits_per_char
+
+    def save(self, path):
+        """Write the model (weights, config, vocabulary) as a model file."""
+        checkpoint.save(path, self.model, self.vocab, meta={
+            k: v for k, v in self.meta.items() if k in ("train", "corpus", "summary")})
+
+    def torch_state_dict(self):
+        """The weights under torch's rnn.* / decoder.* keys (see Model.torch_state_dict)."""
+        return self.model.torch_state_dict()
+
+    def _prime_ids(self, prime):
+        if prime is None or prime == "":
+            return self.vocab.encode("\n") if "\n" in self.vocab.chars else np.zeros(1, np.int32)
+        return self.vocab.encode(prime)
+
+    def __repr__(self):
+        c = self.config
+        return (f"LanguageModel({c.cell} {c.layers}x{c.hidden}, vocabulary {self.vocab.size}, "
+                f"{self.model.num_parameters:,} parameters)")
