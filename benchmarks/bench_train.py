@@ -30,7 +30,6 @@ Run from the repository root (charlm built in place):
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -118,8 +117,11 @@ def limit_threads(n):
     which has already happened: set them and re-exec this script once.
     Returns a description for the header.
     """
-    if importlib.util.find_spec("threadpoolctl") is not None:
+    try:
         import threadpoolctl
+    except ImportError:
+        threadpoolctl = None
+    if threadpoolctl is not None:
         threadpoolctl.threadpool_limits(limits=n, user_api="blas")
         pools = [f"{p['prefix']} {p['version']} ({p.get('architecture', '?')}): "
                  f"{p['num_threads']}" for p in threadpoolctl.threadpool_info()
@@ -290,7 +292,7 @@ class TorchTrainer:
         self.optimiser.step()
         # truncated BPTT: the next chunk starts from the values, not the graph
         self.state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
-        return loss
+        return loss.detach()
 
 
 def import_torch(threads):
@@ -426,8 +428,20 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def header_lines(threads, thread_note, dtype, torch, data_note, optimiser_note):
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def usable_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def load_note(when):
+    """The 1-minute load average: other processes on the machine take cores
+    from both contenders, and oversubscribed BLAS threads slow down sharply."""
+    load = os.getloadavg()[0]
+    busy = "  <-- BUSY MACHINE: absolute rates are unreliable" if load > usable_cores() else ""
+    return f"Load average ({when}): {load:.2f} on {usable_cores()} usable cores{busy}"
+
+
+def header_lines(threads, thread_note, dtype, torch, data_note, optimiser_note, load_before):
+    usable = usable_cores()
     versions = (f"python {platform.python_version()}, numpy {np.__version__}, "
                 f"scipy {scipy.__version__}, charlm {charlm.__version__}, "
                 f"torch {torch.__version__ if torch else 'not installed'}")
@@ -437,9 +451,12 @@ def header_lines(threads, thread_note, dtype, torch, data_note, optimiser_note):
         + (f", OPENBLAS_CORETYPE={coretype}" if coretype else ""),
         f"Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"Versions: {versions}",
-        f"Threads: {threads} ({thread_note}; torch.set_num_threads({threads}))",
+        f"Threads: {threads} ({thread_note}"
+        + (f"; torch.set_num_threads({threads}))" if torch else ")"),
         f"dtype: {dtype}; data: {data_note}; charlm optimiser: {optimiser_note}; "
         f"step = forward + mean CE + BPTT + clip {CLIP_NORM:g} + Adam lr {LEARNING_RATE:g}",
+        load_before,
+        load_note("after"),
     ]
 
 
@@ -503,19 +520,25 @@ def run(args):
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
+    load_before = load_note("before")
     results = []
     for cfg in configs:
         log(f"{cfg.label}:")
         results.append(bench_config(cfg, ids, vocab_size, args.dtype, timing, torch,
                                     optimiser_api, log))
     header = header_lines(args.threads, thread_note, args.dtype, torch, data_note,
-                          optimiser_api[2])
+                          optimiser_api[2], load_before)
     print("\n".join(header + [""] + markdown_table(results)))
     print(f"\nMedians over {timing.rounds} interleaved rounds. GFLOP/s counts matmul FLOPs only "
           "(6*(H*G*(2L-1) + H*V) per char); % of GEMM peak is against the faster of the two "
           "sgemm shapes timed through the same OpenBLAS.")
     if torch is None:
         print("torch is not installed: charlm's numbers only.")
+    else:
+        # Both start from the same weights, so their first losses must agree.
+        gap = max(abs(r["first_step_loss"]["charlm"] - r["first_step_loss"]["torch"])
+                  for r in results)
+        print(f"Same initial weights: first-step losses agree to {gap:.1e} nats.")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"header": header, "timing": asdict(timing), "results": results}, indent=2))

@@ -109,7 +109,7 @@ class Optimizer:
                              f"known: {', '.join(self.DEFAULTS)}")
         # None means "not given": lets callers pass every CLI option through.
         chosen = {k: v for k, v in options.items() if v is not None}
-        self._set_hyper({**self.DEFAULTS, **chosen})
+        self.hyper = self._check_options({**self.DEFAULTS, **chosen})
         self._state = {slot: {k: np.zeros_like(p) for k, p in params.items()}
                        for slot in self.SLOTS}
         self._scratch = {k: np.empty_like(p) for k, p in params.items()}
@@ -123,9 +123,6 @@ class Optimizer:
     @lr.setter
     def lr(self, value):
         self._lr = _number("learning rate", value, 0.0, math.inf, high_open=True)
-
-    def _set_hyper(self, options):
-        self.hyper = self._check_options(options)
 
     def _check_options(self, options):
         raise NotImplementedError
@@ -172,7 +169,7 @@ class Optimizer:
 
     def state_tensors(self):
         """Copies of the per-parameter state, keyed "<optimiser>.<slot>/<parameter>"."""
-        return {self._key(slot, name): np.ascontiguousarray(array).copy()
+        return {self._key(slot, name): array.copy()
                 for slot, arrays in self._state.items() for name, array in arrays.items()}
 
     def state_meta(self):
@@ -199,8 +196,10 @@ class Optimizer:
     def _check_meta(self, meta):
         if not isinstance(meta, dict):
             raise ModelFileError("optimiser state metadata must be a JSON object")
-        if meta.get("name") != self.name:
-            raise ModelFileError(f"checkpoint holds optimiser state for {meta.get('name')!r}, "
+        if "name" not in meta:
+            raise ModelFileError("checkpoint has no optimiser state (no optimiser name)")
+        if meta["name"] != self.name:
+            raise ModelFileError(f"checkpoint holds optimiser state for {meta['name']!r}, "
                                  f"not {self.name!r}")
         expected = {"name", "step_count", "lr"} | set(self._hyper_to_meta())
         if set(meta) != expected:
@@ -373,7 +372,7 @@ class Adam(Optimizer):
         # The bias corrections depend only on t: compute them once per step.
         b1, b2 = self.hyper["betas"]
         t = self.step_count + 1
-        self._step_size = self.lr
+        self._step_size = self.lr / (1.0 - b1 ** t)
         self._inv_sqrt_bc2 = 1.0 / math.sqrt(1.0 - b2 ** t)
         super().step(grads)
 

@@ -7,7 +7,6 @@ quadratic. Checkpoint round trips must continue bit for bit; corrupted state
 must be refused. Clipping and schedules are checked at chosen values.
 """
 
-import io
 import json
 import math
 import tracemalloc
@@ -165,7 +164,8 @@ TORCH_CASES = [
     ("adam", {"betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1},
      "AdamW", {"betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}),
     ("adagrad", {"eps": 1e-10}, "Adagrad", {"eps": 1e-10}),
-    ("adagrad", {"eps": 1e-10, "weight_decay": 0.01}, "Adagrad", {"eps": 1e-10, "weight_decay": 0.01}),
+    ("adagrad", {"eps": 1e-10, "weight_decay": 0.01},
+     "Adagrad", {"eps": 1e-10, "weight_decay": 0.01}),
 ]
 
 
@@ -303,6 +303,7 @@ CORRUPTIONS = {
     "inf": _corrupt(lambda t, m: t["adam.v/out.bias"].__setitem__(0, np.inf)),
     "negative second moment": _corrupt(lambda t, m: t["adam.v/out.bias"].__setitem__(0, -1.0)),
     "other optimiser": _corrupt(lambda t, m: m.update(name="rmsprop")),
+    "no metadata": _corrupt(lambda t, m: m.clear()),
     "negative step count": _corrupt(lambda t, m: m.update(step_count=-1)),
     "text step count": _corrupt(lambda t, m: m.update(step_count="5")),
     "NaN lr": _corrupt(lambda t, m: m.update(lr=float("nan"))),
