@@ -25,6 +25,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -98,7 +100,7 @@ class TrainOptions:
         for name in ("max_steps", "warmup_steps", "sample_every", "threads", "seed"):
             _int_in(name, getattr(self, name), 0, 2**62)
         _real_in("dropout", self.dropout, 0, 0.95)
-        _real_in("lr", self.lr, 1e-12, 10, low_open=False)
+        _real_in("lr", self.lr, 1e-12, 10)
         _real_in("lr_decay", self.lr_decay, 1e-6, 1)
         _real_in("min_lr_frac", self.min_lr_frac, 0, 1)
         _real_in("clip_norm", self.clip_norm, 0, 1e12)
@@ -106,6 +108,8 @@ class TrainOptions:
         _real_in("val_frac", self.val_frac, 0, 0.5)
         _real_in("max_epochs", self.max_epochs, 0, 1e9)
         _real_in("max_time", self.max_time, 0, 1e9)
+        if self.schedule in ("cosine", "linear") and not self.max_steps:
+            raise UsageError(f"the {self.schedule} schedule decays over --max-steps; give it")
         return self
 
     def to_dict(self):
@@ -140,7 +144,7 @@ def _int_in(name, value, low, high):
         raise UsageError(f"{name} must be an integer in {low}..{high}, got {value!r}")
 
 
-def _real_in(name, value, low, high, low_open=False):
+def _real_in(name, value, low, high):
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
         and math.isfinite(value) and low <= value <= high
     if not ok:
@@ -247,29 +251,28 @@ class Trainer:
         started = time.perf_counter()
         window = _Window()
         bar = self._bar()
-        interrupted = False
-        try:
-            while not self._done(started):
-                loss, stepped = self._step(schedule, window)
-                if not stepped:
-                    continue
+        with _StopOnSignal() as stop:
+            try:
+                while not stop.requested and not self._done(started):
+                    loss, stepped = self._step(schedule, window)
+                    if not stepped:
+                        continue
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix_str(
+                            f"loss {loss:.3f} | {window.chars_per_second():,.0f} char/s",
+                            refresh=False)
+                    if p.step % o.eval_every == 0:
+                        self._evaluate_and_save(window, bar)
+                    if o.sample_every and p.step % o.sample_every == 0:
+                        self._print_sample(bar)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(f"loss {loss:.3f} | {window.chars_per_second():,.0f} char/s",
-                                        refresh=False)
-                if p.step % o.eval_every == 0:
-                    self._evaluate_and_save(window, bar)
-                if o.sample_every and p.step % o.sample_every == 0:
-                    self._print_sample(bar)
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            if bar is not None:
-                bar.close()
-        if window.steps or not p.history:
-            self._evaluate_and_save(window, None)
-        self._print_summary(interrupted)
-        if interrupted:
+                    bar.close()
+            if window.steps or not p.history:
+                self._evaluate_and_save(window, None)
+        self._print_summary(stop.requested)
+        if stop.requested:
             raise KeyboardInterrupt
         return p
 
@@ -423,6 +426,34 @@ class Trainer:
             self.echo(f"best validation: {p.best_val_nats * LOG2_E:.4f} bits per character "
                       f"({p.best_val_nats:.4f} nats) at step {p.best_step}; weights in "
                       f"{self.paths['best']}")
+
+
+class _StopOnSignal:
+    """Turn the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after
+    the current step, so the checkpoint is never taken halfway through an
+    update. A second signal interrupts at once (the last checkpoint stays)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 class _Window:

@@ -179,3 +179,31 @@ def test_cli_missing_corpus_is_a_data_error(tmp_path):
     result = CliRunner().invoke(main, ["train", str(tmp_path / "nope.txt")])
     assert result.exit_code == 3
     assert "no such file" in result.output
+
+
+def test_sigint_saves_a_clean_checkpoint_that_resumes(tmp_path):
+    """A real process, no step limit: Ctrl-C stops after the current step,
+    saves, says where, and exits 130; the run then continues from there."""
+    import signal
+    import time
+    corpus = make_corpus(tmp_path)
+    out = tmp_path / "m.safetensors"
+    command = [sys.executable, "-m", "charlm", "train", str(corpus), "--out", str(out),
+               "--hidden", "32", "--batch-size", "8", "--seq-length", "16",
+               "--eval-every", "5", "--sample-every", "0", "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert out.exists()
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    step = checkpoint.load(str(out)).meta["progress"]["step"]
+    assert f"interrupted at step {step}; checkpoint saved" in stdout
+    resumed = subprocess.run(command[:5] + ["--resume", str(out), "--max-steps", str(step + 3),
+                                            "--no-progress"],
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint.load(str(out)).meta["progress"]["step"] == step + 3
