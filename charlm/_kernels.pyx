@@ -24,7 +24,7 @@ the loops run without bounds checks, so this is the memory-safety boundary.
 
 from libc.math cimport exp, expf, tanh, tanhf, log, logf
 from libc.string cimport memset, memcpy
-from scipy.linalg.cython_blas cimport sgemm, dgemm
+from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 ctypedef fused real:
     float
@@ -46,23 +46,33 @@ DEBUG_BUILD = bool(CHARLM_DEBUG_BUILD)
 # Small helpers
 # ---------------------------------------------------------------------------
 
+cdef extern from "_fastmath.h":
+    # Vectorisable float32 exp/sigmoid/tanh (see the header for accuracy).
+    float charlm_expf(float x) noexcept nogil
+    float charlm_sigmoidf(float x) noexcept nogil
+    float charlm_tanhf(float x) noexcept nogil
+
+
+# float32 uses the inline, vectorisable versions; float64 (gradient checks,
+# reference comparisons) keeps libm's correctly rounded functions.
+
 cdef inline real sigmoid(real x) noexcept nogil:
     if real is float:
-        return 1 / (1 + expf(-x))
+        return charlm_sigmoidf(x)
     else:
         return 1 / (1 + exp(-x))
 
 
 cdef inline real exp_(real x) noexcept nogil:
     if real is float:
-        return expf(x)
+        return charlm_expf(x)
     else:
         return exp(x)
 
 
 cdef inline real tanh_(real x) noexcept nogil:
     if real is float:
-        return tanhf(x)
+        return charlm_tanhf(x)
     else:
         return tanh(x)
 
@@ -75,10 +85,29 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k,
 
     BLAS is column-major; a row-major matrix is its transpose, so we ask for
     C.T = op(B).T @ op(A).T, i.e. swap the operands and their roles.
+    A single row (m == 1: batch-1 sampling and evaluation) goes to GEMV,
+    which reads op(B) once instead of packing it for a matrix product.
     """
     cdef char ta = b'T' if trans_a else b'N'
     cdef char tb = b'T' if trans_b else b'N'
+    cdef char gemv_trans
+    cdef int one = 1, rows, cols, inc_a
     if m == 0 or n == 0:
+        return
+    if m == 1:
+        # c[n] = alpha * op(B).T[n,k] @ a[k] + beta * c. The column-major
+        # view of B's buffer is op(B).T when B is not transposed (rows n, cols k),
+        # and op(B) itself when it is (rows k, cols n): then ask GEMV for its 'T'.
+        gemv_trans = b'T' if trans_b else b'N'
+        rows = k if trans_b else n
+        cols = n if trans_b else k
+        inc_a = lda if trans_a else 1      # op(A)'s single row: a column of A if transposed
+        if real is float:
+            sgemv(&gemv_trans, &rows, &cols, &alpha, <float*>b, &ldb, <float*>a, &inc_a,
+                  &beta, c, &one)
+        else:
+            dgemv(&gemv_trans, &rows, &cols, &alpha, <double*>b, &ldb, <double*>a, &inc_a,
+                  &beta, c, &one)
         return
     if real is float:
         sgemm(&tb, &ta, &n, &m, &k, &alpha, <float*>b, &ldb, <float*>a, &lda,
@@ -312,8 +341,10 @@ def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     """
     cdef int T = gates.shape[0], B = gates.shape[1], H = h.shape[2], G = 4 * H
     cdef int t, b, j
-    cdef real i, f, g, o
-    cdef real* gate
+    cdef real* i        # the four gate rows of one stream: [i | f | g | o]
+    cdef real* f
+    cdef real* g
+    cdef real* o
     cdef const real* c_prev
     cdef real* c_new
     cdef real* h_new
@@ -327,23 +358,28 @@ def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
             gemm(False, True, B, G, H, 1, &h[t, 0, 0], H, &W_hh[0, 0], H,
                  1, &gates[t, 0, 0], G)
             for b in range(B):
-                gate = &gates[t, b, 0]
+                i = &gates[t, b, 0]
+                f = i + H
+                g = i + 2 * H
+                o = i + 3 * H
                 c_prev = &c[t, b, 0]
                 c_new = &c[t + 1, b, 0]
                 h_new = &h[t + 1, b, 0]
                 tc = &tanh_c[t, b, 0]
-                for j in range(H):
-                    i = sigmoid(gate[j])
-                    f = sigmoid(gate[H + j])
-                    g = tanh_(gate[2 * H + j])
-                    o = sigmoid(gate[3 * H + j])
-                    gate[j] = i
-                    gate[H + j] = f
-                    gate[2 * H + j] = g
-                    gate[3 * H + j] = o
-                    c_new[j] = f * c_prev[j] + i * g
+                # One short loop per equation, each touching few arrays: gcc
+                # then vectorises every one (a single loop over all eight
+                # arrays needs too many run-time alias checks, and stays scalar).
+                for j in range(2 * H):    # i, f = sigmoid(.), in place
+                    i[j] = sigmoid(i[j])
+                for j in range(H):        # g = tanh(.)
+                    g[j] = tanh_(g[j])
+                for j in range(H):        # o = sigmoid(.)
+                    o[j] = sigmoid(o[j])
+                for j in range(H):        # c_t = f * c_{t-1} + i * g
+                    c_new[j] = f[j] * c_prev[j] + i[j] * g[j]
+                for j in range(H):        # h_t = o * tanh(c_t)
                     tc[j] = tanh_(c_new[j])
-                    h_new[j] = o * tc[j]
+                    h_new[j] = o[j] * tc[j]
 
 
 def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
@@ -363,12 +399,17 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
     """
     cdef int T = dh_out.shape[0], B = dh_out.shape[1], H = dh_out.shape[2], G = 4 * H
     cdef int t, b, j
-    cdef real i, f, g, o, tc, dh, dc
-    cdef const real* gate
+    cdef const real* i          # activated gates of one stream
+    cdef const real* f
+    cdef const real* g
+    cdef const real* o
+    cdef real* di               # their pre-activation gradients
+    cdef real* df
+    cdef real* dg
+    cdef real* do
     cdef const real* c_prev
     cdef const real* up
     cdef const real* tcs
-    cdef real* dgate
     cdef real* dh_c
     cdef real* dc_c
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
@@ -379,27 +420,36 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
     with nogil:
         for t in range(T - 1, -1, -1):
             for b in range(B):
-                gate = &gates[t, b, 0]
-                dgate = &dgates[t, b, 0]
+                i = &gates[t, b, 0]
+                f = i + H
+                g = i + 2 * H
+                o = i + 3 * H
+                di = &dgates[t, b, 0]
+                df = di + H
+                dg = di + 2 * H
+                do = di + 3 * H
                 c_prev = &c[t, b, 0]
                 tcs = &tanh_c[t, b, 0]
                 up = &dh_out[t, b, 0]
                 dh_c = &dh_carry[b, 0]
                 dc_c = &dc_carry[b, 0]
-                for j in range(H):
-                    i = gate[j]
-                    f = gate[H + j]
-                    g = gate[2 * H + j]
-                    o = gate[3 * H + j]
-                    tc = tcs[j]
-                    dh = up[j] + dh_c[j]
-                    # through h_t = o * tanh(c_t), plus the carried dL/dc_t
-                    dc = dc_c[j] + dh * o * (1 - tc * tc)
-                    dgate[j] = dc * g * i * (1 - i)                 # d pre_i
-                    dgate[H + j] = dc * c_prev[j] * f * (1 - f)     # d pre_f
-                    dgate[2 * H + j] = dc * i * (1 - g * g)         # d pre_g
-                    dgate[3 * H + j] = dh * tc * o * (1 - o)        # d pre_o
-                    dc_c[j] = dc * f                                # dL/dc_{t-1}
+                # One equation per loop, so that gcc vectorises each (see
+                # lstm_forward). dh_c and dc_c become dL/dh_t and dL/dc_t here,
+                # then dL/dc_{t-1}; dh_carry is overwritten by the GEMM below.
+                for j in range(H):        # dh = from above + from step t+1
+                    dh_c[j] += up[j]
+                for j in range(H):        # dc = carried + through h_t = o * tanh(c_t)
+                    dc_c[j] += dh_c[j] * o[j] * (1 - tcs[j] * tcs[j])
+                for j in range(H):        # d pre_o
+                    do[j] = dh_c[j] * tcs[j] * o[j] * (1 - o[j])
+                for j in range(H):        # d pre_i
+                    di[j] = dc_c[j] * g[j] * i[j] * (1 - i[j])
+                for j in range(H):        # d pre_f
+                    df[j] = dc_c[j] * c_prev[j] * f[j] * (1 - f[j])
+                for j in range(H):        # d pre_g
+                    dg[j] = dc_c[j] * i[j] * (1 - g[j] * g[j])
+                for j in range(H):        # dL/dc_{t-1}
+                    dc_c[j] *= f[j]
             # dh_carry = dgates[t] @ W_hh          (B,H) = (B,4H) @ (4H,H)
             gemm(False, False, B, H, G, 1, &dgates[t, 0, 0], G, &W_hh[0, 0], H,
                  0, &dh_carry[0, 0], H)
@@ -430,9 +480,12 @@ def gru_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     """
     cdef int T = gates.shape[0], B = gates.shape[1], H = h.shape[2], G = 3 * H
     cdef int t, b, j
-    cdef real r, z, n
-    cdef real* gate
-    cdef real* hh_row
+    cdef real* r            # the gate rows of one stream: [r | z | n]
+    cdef real* z
+    cdef real* n
+    cdef const real* hr     # W_hh h + b_hh, split the same way
+    cdef const real* hz
+    cdef const real* hn_
     cdef const real* h_prev
     cdef real* h_new
     cdef real* hn_row
@@ -447,20 +500,26 @@ def gru_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
             gemm(False, True, B, G, H, 1, &h[t, 0, 0], H, &W_hh[0, 0], H,
                  1, &hh[0, 0], G)
             for b in range(B):
-                gate = &gates[t, b, 0]
-                hh_row = &hh[b, 0]
+                r = &gates[t, b, 0]
+                z = r + H
+                n = r + 2 * H
+                hr = &hh[b, 0]
+                hz = hr + H
+                hn_ = hr + 2 * H
                 h_prev = &h[t, b, 0]
                 h_new = &h[t + 1, b, 0]
                 hn_row = &hn[t, b, 0]
+                # One short loop per equation, so that gcc vectorises each
+                # (see lstm_forward). Input projections in, activated gates out.
                 for j in range(H):
-                    r = sigmoid(gate[j] + hh_row[j])
-                    z = sigmoid(gate[H + j] + hh_row[H + j])
-                    n = tanh_(gate[2 * H + j] + r * hh_row[2 * H + j])
-                    gate[j] = r
-                    gate[H + j] = z
-                    gate[2 * H + j] = n
-                    hn_row[j] = hh_row[2 * H + j]
-                    h_new[j] = (1 - z) * n + z * h_prev[j]
+                    r[j] = sigmoid(r[j] + hr[j])
+                for j in range(H):
+                    z[j] = sigmoid(z[j] + hz[j])
+                for j in range(H):
+                    n[j] = tanh_(n[j] + r[j] * hn_[j])
+                memcpy(hn_row, hn_, H * sizeof(real))
+                for j in range(H):
+                    h_new[j] = (1 - z[j]) * n[j] + z[j] * h_prev[j]
 
 
 def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
@@ -482,14 +541,19 @@ def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
     """
     cdef int T = dh_out.shape[0], B = dh_out.shape[1], H = dh_out.shape[2], G = 3 * H
     cdef int t, b, j
-    cdef real r, z, n, dh, dpre_n, dpre_r
-    cdef const real* gate
+    cdef const real* r          # activated gates of one stream
+    cdef const real* z
+    cdef const real* n
+    cdef real* dxr              # gradient for W_ih x + b_ih, per gate
+    cdef real* dxz
+    cdef real* dxn
+    cdef real* dhr              # gradient for W_hh h + b_hh, per gate
+    cdef real* dhz
+    cdef real* dhn
     cdef const real* hn_row
     cdef const real* h_prev
     cdef const real* up
     cdef real* carry
-    cdef real* dx
-    cdef real* dhh
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(hn, 3) == (T, B, H) and _shape(dh_carry, 2) == (B, H)
              and _shape(dgates_x, 3) == (T, B, G) and _shape(dgates_h, 3) == (T, B, G)
@@ -498,27 +562,36 @@ def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
     with nogil:
         for t in range(T - 1, -1, -1):
             for b in range(B):
-                gate = &gates[t, b, 0]
+                r = &gates[t, b, 0]
+                z = r + H
+                n = r + 2 * H
+                dxr = &dgates_x[t, b, 0]
+                dxz = dxr + H
+                dxn = dxr + 2 * H
+                dhr = &dgates_h[t, b, 0]
+                dhz = dhr + H
+                dhn = dhr + 2 * H
                 hn_row = &hn[t, b, 0]
                 h_prev = &h[t, b, 0]
                 up = &dh_out[t, b, 0]
                 carry = &dh_carry[b, 0]
-                dx = &dgates_x[t, b, 0]
-                dhh = &dgates_h[t, b, 0]
+                # One equation per loop, so that gcc vectorises each (see
+                # lstm_forward). carry becomes dL/dh_t, then its direct part
+                # of dL/dh_{t-1}; the GEMM below adds the rest.
+                for j in range(H):        # dh = from above + from step t+1
+                    carry[j] += up[j]
+                for j in range(H):        # d pre_n
+                    dxn[j] = carry[j] * (1 - z[j]) * (1 - n[j] * n[j])
+                for j in range(H):        # d pre_r, through r * (W_hn h + b_hn)
+                    dxr[j] = dxn[j] * hn_row[j] * r[j] * (1 - r[j])
+                for j in range(H):        # d pre_z
+                    dxz[j] = carry[j] * (h_prev[j] - n[j]) * z[j] * (1 - z[j])
+                # r and z see W_hh h + b_hh as they see W_ih x + b_ih; n sees r * it
+                memcpy(dhr, dxr, 2 * H * sizeof(real))
                 for j in range(H):
-                    r = gate[j]
-                    z = gate[H + j]
-                    n = gate[2 * H + j]
-                    dh = up[j] + carry[j]
-                    dpre_n = dh * (1 - z) * (1 - n * n)
-                    dpre_r = dpre_n * hn_row[j] * r * (1 - r)
-                    dx[j] = dpre_r
-                    dx[H + j] = dh * (h_prev[j] - n) * z * (1 - z)   # d pre_z
-                    dx[2 * H + j] = dpre_n
-                    dhh[j] = dpre_r
-                    dhh[H + j] = dx[H + j]
-                    dhh[2 * H + j] = dpre_n * r
-                    carry[j] = dh * z          # the direct path h_t <- z * h_{t-1}
+                    dhn[j] = dxn[j] * r[j]
+                for j in range(H):        # the direct path h_t <- z * h_{t-1}
+                    carry[j] *= z[j]
             # dh_carry += dgates_h[t] @ W_hh       (B,H) += (B,3H) @ (3H,H)
             gemm(False, False, B, H, G, 1, &dgates_h[t, 0, 0], G, &W_hh[0, 0], H,
                  1, &dh_carry[0, 0], H)
@@ -613,3 +686,431 @@ def target_log_probs(const real[:, ::1] logits, const int[::1] targets,
                 z += exp(row[k] - m)
             log_probs[r] = row[targets[r]] - m - log(z)
     _require(bad < 0, "target_log_probs: target out of range")
+
+
+# ===========================================================================
+# Sampling: one fused step per generated character
+# ===========================================================================
+#
+# sample_steps draws `steps` characters for B streams without returning to
+# Python. Each step is, per stream: feed the previous id through every layer
+# (a row gather for layer 0, GEMMs for the rest, the cell's equations), the
+# output layer, softmax with temperature, optional top-k and top-p filtering,
+# and an inverse-CDF draw with a uniform supplied by the caller. Taking the
+# uniforms as input keeps the randomness in numpy's Generator: the same seed
+# gives the same text, however the steps are split into calls.
+#
+# The arithmetic repeats the training forward's exactly (same folded biases,
+# same order of operations, same GEMM calls), so the probabilities agree with
+# softmax(Model.next_logits) to round-off.
+
+from libc.stdlib cimport malloc, free, qsort
+from libc.math cimport isfinite
+from scipy.linalg.cython_blas cimport sgemv, dgemv
+
+cdef enum:
+    CELL_RNN_TANH = 0
+    CELL_RNN_RELU = 1
+    CELL_LSTM = 2
+    CELL_GRU = 3
+
+# cell name -> (code, gate rows per hidden unit)
+_SAMPLING_CELLS = {"rnn": (CELL_RNN_TANH, 1), "rnn-relu": (CELL_RNN_RELU, 1),
+                   "lstm": (CELL_LSTM, 4), "gru": (CELL_GRU, 3)}
+
+# Top-p first sorts this many of the heaviest ids; if their mass falls short
+# of p it selects four times as many, and so on. A peaked distribution (the
+# usual case) then costs O(V), not a full O(V log V) sort.
+cdef enum:
+    NUCLEUS_FIRST_GUESS = 64
+
+
+cdef inline void _add_product(int B, int n_out, int n_in, const real* x,
+                              const real* W, real* y) noexcept nogil:
+    """y (B, n_out) += x (B, n_in) @ W.T, W (n_out, n_in) row-major.
+
+    With one stream this is a matrix-vector product, and BLAS's gemv does it
+    straight from W. gemm would first pack all of W into its blocked layout,
+    which at B = 1 costs more than the product itself (measured: about 3x).
+    """
+    cdef char trans = b'T'
+    cdef int one = 1
+    cdef real alpha = 1
+    if B != 1:
+        gemm(False, True, B, n_out, n_in, 1, x, n_in, W, n_in, 1, y, n_out)
+    elif real is float:
+        # row-major W (n_out, n_in) is column-major (n_in, n_out): y += W_cm.T x
+        sgemv(&trans, &n_in, &n_out, &alpha, <float*>W, &n_in, <float*>x, &one,
+              &alpha, y, &one)
+    else:
+        dgemv(&trans, &n_in, &n_out, &alpha, <double*>W, &n_in, <double*>x, &one,
+              &alpha, y, &one)
+
+
+cdef struct Ranked:
+    double weight
+    int id
+
+
+cdef inline bint _heavier(const Ranked* a, const Ranked* b) noexcept nogil:
+    """The total order used for top-k and top-p: heavier first, ties by lower id.
+    Ids are distinct, so no two entries compare equal and the result of a
+    selection or sort does not depend on the algorithm."""
+    return a.weight > b.weight or (a.weight == b.weight and a.id < b.id)
+
+
+cdef int _heavier_first(const void* a, const void* b) noexcept nogil:
+    return -1 if _heavier(<const Ranked*>a, <const Ranked*>b) else 1
+
+
+cdef inline void _swap(Ranked* a, Ranked* b) noexcept nogil:
+    cdef Ranked t = a[0]
+    a[0] = b[0]
+    b[0] = t
+
+
+cdef void _select(Ranked* a, int n, int k) noexcept nogil:
+    """Quickselect: reorder a[:n] so that a[k] is the entry a full sort would
+    put there, with the k entries before it heavier. Median-of-three pivots;
+    Lomuto partitions, which stay inside [lo, hi] whatever the values."""
+    cdef int lo = 0, hi = n - 1, mid, store, i
+    while hi > lo:
+        mid = lo + (hi - lo) // 2
+        # median of a[lo], a[mid], a[hi] into a[hi], as the pivot
+        if _heavier(&a[mid], &a[lo]):
+            _swap(&a[mid], &a[lo])
+        if _heavier(&a[hi], &a[lo]):
+            _swap(&a[hi], &a[lo])
+        if _heavier(&a[mid], &a[hi]):
+            _swap(&a[mid], &a[hi])
+        store = lo
+        for i in range(lo, hi):
+            if _heavier(&a[i], &a[hi]):
+                _swap(&a[i], &a[store])
+                store += 1
+        _swap(&a[store], &a[hi])
+        if store == k:
+            return
+        if store < k:
+            lo = store + 1
+        else:
+            hi = store - 1
+
+
+cdef inline int _first_max(const real* x, int n) noexcept nogil:
+    cdef int k, best = 0
+    for k in range(1, n):
+        if x[k] > x[best]:
+            best = k
+    return best
+
+
+cdef void _softmax_weights(const real* logits, int V, double temperature,
+                           double* weight) noexcept nogil:
+    """weight = exp((logits - max) / temperature), unnormalised, in double.
+    Subtracting the max before dividing keeps a tiny temperature finite (the
+    max weighs exactly 1). NaN logits weigh 0, which keeps the order total."""
+    cdef int k
+    cdef double m = logits[_first_max(logits, V)], w
+    for k in range(V):
+        w = exp((<double>logits[k] - m) / temperature)
+        weight[k] = w if w > 0 else 0
+
+
+cdef void _keep_top_k(double* weight, int V, int top_k, Ranked* ranked) noexcept nogil:
+    """Zero every weight below the top_k-th largest (ties with it are kept)."""
+    cdef int k
+    cdef double threshold
+    for k in range(V):
+        ranked[k].weight = weight[k]
+        ranked[k].id = k
+    _select(ranked, V, top_k - 1)
+    threshold = ranked[top_k - 1].weight
+    for k in range(V):
+        if weight[k] < threshold:
+            weight[k] = 0
+
+
+cdef void _keep_nucleus(double* weight, int V, double top_p, Ranked* ranked) noexcept nogil:
+    """Keep the heaviest ids, in order, while the mass before each is below
+    top_p of the total: the smallest set whose mass reaches top_p."""
+    cdef int k, n = 0, m, kept = 0
+    cdef double total = 0, mass, before = 0
+    for k in range(V):
+        if weight[k] > 0:
+            ranked[n].weight = weight[k]
+            ranked[n].id = k
+            total += weight[k]
+            n += 1
+    if n == 0:
+        return
+    mass = top_p * total
+    m = NUCLEUS_FIRST_GUESS if n > NUCLEUS_FIRST_GUESS else n
+    while True:
+        # ranked[:m] = the m heaviest, sorted; the walk resumes where it stopped
+        _select(ranked, n, m - 1)
+        qsort(ranked, m, sizeof(Ranked), _heavier_first)
+        while kept < m and before < mass:
+            before += ranked[kept].weight
+            kept += 1
+        if before >= mass or m == n:
+            break
+        m = n if m > n // 4 else 4 * m
+    for k in range(kept, n):
+        weight[ranked[k].id] = 0
+
+
+cdef int _inverse_cdf(const double* weight, int V, double u, double* probs) noexcept nogil:
+    """The first id whose cumulative weight exceeds u * total (u in [0, 1)).
+    Round-off can leave u * total at or past the end: then the last id with
+    weight. probs (V,), if not NULL, receives the normalised weights."""
+    cdef int k, chosen = -1, last = 0
+    cdef double total = 0, target, cumulative = 0
+    for k in range(V):
+        total += weight[k]
+    target = u * total
+    for k in range(V):
+        if weight[k] > 0:
+            last = k
+            cumulative += weight[k]
+            if cumulative > target:
+                chosen = k
+                break
+    if chosen < 0:
+        chosen = last
+    if probs != NULL:
+        for k in range(V):
+            probs[k] = weight[k] / total if total > 0 else 0
+    return chosen
+
+
+cdef int _pick(const real* logits, int V, double temperature, int top_k, double top_p,
+               bint argmax, double u, double* weight, Ranked* ranked,
+               double* probs) noexcept nogil:
+    """One id from one row of logits (V,); weight and ranked are (V,) scratch."""
+    cdef int chosen
+    if argmax:
+        chosen = _first_max(logits, V)
+        if probs != NULL:
+            memset(probs, 0, V * sizeof(double))
+            probs[chosen] = 1
+        return chosen
+    _softmax_weights(logits, V, temperature, weight)
+    if 0 < top_k < V:
+        _keep_top_k(weight, V, top_k, ranked)
+    if top_p < 1:
+        _keep_nucleus(weight, V, top_p, ranked)
+    return _inverse_cdf(weight, V, u, probs)
+
+
+cdef void _cell_step(int cell, int B, int H, real* gates, real* hh,
+                     const real* W_hh, const real* b_hh, real* h, real* c) noexcept nogil:
+    """Advance one layer by one step, in place, for B streams.
+
+    gates (B, G): in, the input projection (with both biases folded in; for
+        the GRU, b_ih only); clobbered.
+    W_hh (G, H), b_hh (G,): read by the GRU only (the others have it folded).
+    h, c (B, H): in, the previous state; out, the new one. Updating in place
+        is safe: the GEMM has consumed h before, and unit j reads only h[j], c[j].
+    hh (B, 3H): GRU scratch for W_hh h + b_hh.
+    Same equations, in the same order, as rnn/lstm/gru_forward.
+    """
+    cdef int G, b, j
+    cdef real ig, fg, gg, og, r, z, n
+    cdef real* gate
+    cdef real* hrow
+    cdef real* crow
+    cdef real* hhrow
+    if cell == CELL_GRU:
+        G = 3 * H
+        for b in range(B):
+            memcpy(hh + <size_t>b * G, b_hh, G * sizeof(real))
+        # hh = h @ W_hh.T + b_hh                   (B,3H) += (B,H) @ (H,3H)
+        _add_product(B, G, H, h, W_hh, hh)
+        for b in range(B):
+            gate = gates + <size_t>b * G
+            hhrow = hh + <size_t>b * G
+            hrow = h + <size_t>b * H
+            for j in range(H):
+                r = sigmoid(gate[j] + hhrow[j])
+                z = sigmoid(gate[H + j] + hhrow[H + j])
+                n = tanh_(gate[2 * H + j] + r * hhrow[2 * H + j])
+                hrow[j] = (1 - z) * n + z * hrow[j]
+        return
+    G = 4 * H if cell == CELL_LSTM else H
+    # gates += h @ W_hh.T                          (B,G) += (B,H) @ (H,G)
+    _add_product(B, G, H, h, W_hh, gates)
+    for b in range(B):
+        gate = gates + <size_t>b * G
+        hrow = h + <size_t>b * H
+        if cell == CELL_LSTM:
+            crow = c + <size_t>b * H
+            for j in range(H):
+                ig = sigmoid(gate[j])
+                fg = sigmoid(gate[H + j])
+                gg = tanh_(gate[2 * H + j])
+                og = sigmoid(gate[3 * H + j])
+                crow[j] = fg * crow[j] + ig * gg
+                hrow[j] = og * tanh_(crow[j])
+        elif cell == CELL_RNN_RELU:
+            for j in range(H):
+                hrow[j] = gate[j] if gate[j] > 0 else 0
+        else:
+            for j in range(H):
+                hrow[j] = tanh_(gate[j])
+
+
+cdef const real** _layer_pointers(tuple arrays, int count, int rows, int cols,
+                                  str what, list keep, const real* dtype_tag) except NULL:
+    """Pointers to the data of `count` contiguous arrays of shape (rows, cols)
+    (cols 0: 1-D arrays of length rows), checked; their buffers are held in
+    `keep` until the caller is done. dtype_tag only selects the specialisation."""
+    cdef const real** pointers
+    cdef const real[:, ::1] matrix
+    cdef const real[::1] vector
+    cdef int k
+    _require(len(arrays) == count, f"sample_steps: {what} needs {count} arrays")
+    pointers = <const real**>malloc((count if count > 0 else 1) * sizeof(void*))
+    if pointers == NULL:
+        raise MemoryError()
+    try:
+        for k in range(count):
+            if cols:
+                matrix = arrays[k]
+                _require(matrix.shape[0] == rows and matrix.shape[1] == cols,
+                         f"sample_steps: {what}[{k}] must be ({rows}, {cols})")
+                pointers[k] = &matrix[0, 0]
+                keep.append(matrix)
+            else:
+                vector = arrays[k]
+                _require(vector.shape[0] == rows, f"sample_steps: {what}[{k}] must be ({rows},)")
+                pointers[k] = &vector[0]
+                keep.append(vector)
+    except BaseException:
+        free(pointers)
+        raise
+    return pointers
+
+
+def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
+                 tuple bias, tuple b_hh, const real[:, ::1] W_out, const real[::1] b_out,
+                 real[:, :, ::1] h, real[:, :, ::1] c, const int[::1] prev_ids,
+                 const double[:, ::1] uniforms, int[:, ::1] ids,
+                 double temperature=1.0, int top_k=0, double top_p=1.0,
+                 bint argmax=False, double[:, :, ::1] probs=None):
+    """Draw `steps` ids for each of B streams, one fused step per character.
+
+    Step s feeds ids[s-1] (prev_ids for s = 0) through the model and draws
+    ids[s]; the last row drawn is not fed (pass it as prev_ids next time).
+
+    cell: "lstm", "gru", "rnn" or "rnn-relu".  L layers, G gate rows.
+    W_ihT (V, G): the first layer's input weights, transposed.
+    W_ih: L-1 arrays (G, H), the upper layers' input weights.
+    W_hh: L arrays (G, H).  bias: L arrays (G,), the projection biases
+        (b_ih + b_hh; b_ih alone for the GRU).  b_hh: L arrays (G,), read by
+        the GRU only.  W_out (V, H), b_out (V,).
+    h, c (L, B, H): the state, advanced in place. c is read only for the
+        LSTM; for the other cells any array (e.g. an empty one) will do.
+    prev_ids (B,) int32 in [0, V).
+    uniforms (steps, B) float64 in [0, 1): the draws (ignored with argmax).
+    ids (steps, B) int32 written.
+    temperature > 0; top_k: keep the top_k most likely (0: all); top_p in
+        (0, 1]: keep the smallest most likely set with that mass (1: all);
+        argmax: take the most likely id (first of equals).
+    probs (steps, B, V) float64, optional: receives each step's final
+        (filtered, normalised) distribution; one-hot with argmax. For tests.
+    """
+    cdef int L = h.shape[0], B = h.shape[1], H = h.shape[2], V = W_out.shape[0]
+    cdef int steps = ids.shape[0], code, G, s, b, j, k, bad = -1
+    cdef list keep = []
+    cdef const real** W_ih_p = NULL
+    cdef const real** W_hh_p = NULL
+    cdef const real** bias_p = NULL
+    cdef const real** b_hh_p = NULL
+    cdef real* gates = NULL
+    cdef real* hh = NULL
+    cdef real* logits = NULL
+    cdef double* weight = NULL
+    cdef Ranked* ranked = NULL
+    cdef const int* feed
+    cdef const real* row
+    cdef const real* b0
+    cdef real* g
+    cdef real* c_base = NULL
+    cdef double* probs_base = NULL
+
+    _require(cell in _SAMPLING_CELLS, f"sample_steps: unknown cell {cell!r}")
+    code, per_unit = _SAMPLING_CELLS[cell]
+    G = per_unit * H
+    _require(L >= 1 and B >= 1 and H >= 1 and V >= 1, "sample_steps: empty model or batch")
+    _require(_shape(W_ihT, 2) == (V, G), f"sample_steps: W_ihT must be ({V}, {G})")
+    _require(_shape(W_out, 2) == (V, H) and b_out.shape[0] == V,
+             f"sample_steps: W_out must be ({V}, {H}) and b_out ({V},)")
+    _require(code != CELL_LSTM or _shape(c, 3) == (L, B, H), "sample_steps: c must be (L, B, H)")
+    _require(prev_ids.shape[0] == B, "sample_steps: prev_ids must be (B,)")
+    _require(_shape(uniforms, 2) == (steps, B) and ids.shape[1] == B,
+             "sample_steps: uniforms and ids must be (steps, B)")
+    _require(probs is None or _shape(probs, 3) == (steps, B, V),
+             "sample_steps: probs must be (steps, B, V)")
+    _require(isfinite(temperature) and temperature > 0, "sample_steps: temperature must be > 0")
+    _require(top_k >= 0 and 0 < top_p <= 1, "sample_steps: top_k must be >= 0, top_p in (0, 1]")
+    for b in range(B):
+        if prev_ids[b] < 0 or prev_ids[b] >= V:
+            bad = b
+    _require(bad < 0, "sample_steps: prev id out of range")
+    if steps == 0:
+        return
+    if code == CELL_LSTM:
+        c_base = &c[0, 0, 0]
+    if probs is not None:
+        probs_base = &probs[0, 0, 0]
+    try:
+        W_ih_p = _layer_pointers(W_ih, L - 1, G, H, "W_ih", keep, &W_ihT[0, 0])
+        W_hh_p = _layer_pointers(W_hh, L, G, H, "W_hh", keep, &W_ihT[0, 0])
+        bias_p = _layer_pointers(bias, L, G, 0, "bias", keep, &W_ihT[0, 0])
+        b_hh_p = _layer_pointers(b_hh, L, G, 0, "b_hh", keep, &W_ihT[0, 0])
+        # All scratch, once per call: nothing is allocated per character.
+        gates = <real*>malloc(<size_t>B * G * sizeof(real))
+        hh = <real*>malloc(<size_t>B * G * sizeof(real))
+        logits = <real*>malloc(<size_t>B * V * sizeof(real))
+        weight = <double*>malloc(<size_t>V * sizeof(double))
+        ranked = <Ranked*>malloc(<size_t>V * sizeof(Ranked))
+        if not (gates and hh and logits and weight and ranked):
+            raise MemoryError()
+        b0 = bias_p[0]
+        with nogil:
+            for s in range(steps):
+                feed = &prev_ids[0] if s == 0 else &ids[s - 1, 0]
+                # layer 0: gates = W_ihT[id] + bias, a row gather
+                for b in range(B):
+                    row = &W_ihT[feed[b], 0]
+                    g = gates + <size_t>b * G
+                    for j in range(G):
+                        g[j] = row[j] + b0[j]
+                _cell_step(code, B, H, gates, hh, W_hh_p[0], b_hh_p[0], &h[0, 0, 0], c_base)
+                for k in range(1, L):
+                    for b in range(B):
+                        memcpy(gates + <size_t>b * G, bias_p[k], G * sizeof(real))
+                    # gates += h[k-1] @ W_ih.T      (B,G) += (B,H) @ (H,G)
+                    _add_product(B, G, H, &h[k - 1, 0, 0], W_ih_p[k - 1], gates)
+                    _cell_step(code, B, H, gates, hh, W_hh_p[k], b_hh_p[k], &h[k, 0, 0],
+                               c_base + <size_t>k * B * H if c_base != NULL else NULL)
+                # logits = h_top @ W_out.T + b_out  (B,V) += (B,H) @ (H,V)
+                for b in range(B):
+                    memcpy(logits + <size_t>b * V, &b_out[0], V * sizeof(real))
+                _add_product(B, V, H, &h[L - 1, 0, 0], &W_out[0, 0], logits)
+                for b in range(B):
+                    ids[s, b] = _pick(logits + <size_t>b * V, V, temperature, top_k, top_p,
+                                      argmax, uniforms[s, b], weight, ranked,
+                                      probs_base + (<size_t>s * B + b) * V
+                                      if probs_base != NULL else NULL)
+    finally:
+        free(W_ih_p)
+        free(W_hh_p)
+        free(bias_p)
+        free(b_hh_p)
+        free(gates)
+        free(hh)
+        free(logits)
+        free(weight)
+        free(ranked)

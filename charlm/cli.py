@@ -199,5 +199,112 @@ def _emit(text):
     sys.stdout.buffer.flush()
 
 
+# --- eval ------------------------------------------------------------------------
+
+@main.command(name="eval")
+@click.argument("model", type=click.Path())
+@click.argument("file", type=click.Path())
+@click.option("--skip-unknown", is_flag=True,
+              help="Drop characters the model never saw (and report how many) "
+                   "instead of stopping with an error that lists them.")
+@click.option("--encoding", default="utf-8", show_default=True)
+@click.option("--errors", default="strict", show_default=True,
+              help="What to do with undecodable bytes: strict, replace, ignore...")
+@click.option("--threads", type=int, default=0)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@_friendly_errors
+def eval_(model, file, skip_unknown, encoding, errors, threads, as_json):
+    """Score FILE with MODEL: nats and bits per character, and perplexity.
+
+    The figure is the mean over characters 2..n of -log2 p(character | all
+    preceding characters), from a zero state: the same as the training
+    validation and LanguageModel.bits_per_char.
+    """
+    import json
+
+    from . import evaluate
+    from .data import read_text
+    from .lm import load
+    _limit_threads(threads)
+    lm = load(model)
+    unknown = "skip" if skip_unknown else "error"
+    skipped = 0
+
+    def pieces():
+        nonlocal skipped
+        for text in read_text(file, encoding, errors):
+            ids, n = lm.vocab.encode_with_count(text, unknown)
+            skipped += n
+            yield ids
+
+    result = evaluate.score(lm.model, pieces())
+    if result.predicted == 0:
+        from .errors import DataError
+        raise DataError(f"{file}: fewer than 2 known characters; nothing to score")
+    figures = {"file": file, "characters_scored": result.predicted,
+               "skipped_unknown": skipped, "nats_per_char": result.nats_per_char,
+               "bits_per_char": result.bits_per_char, "perplexity": result.perplexity}
+    if as_json:
+        click.echo(json.dumps(figures))
+        return
+    click.echo(f"{file}: {result.predicted:,} characters scored"
+               + (f", {skipped:,} unknown skipped" if skip_unknown else ""))
+    click.echo(f"nats per character: {result.nats_per_char:.6f}")
+    click.echo(f"bits per character: {result.bits_per_char:.6f}")
+    click.echo(f"perplexity:         {result.perplexity:.6f}")
+
+
+# --- info ------------------------------------------------------------------------
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
+@_friendly_errors
+def info(model, as_json):
+    """Describe a model or checkpoint file: config, size, vocabulary, training."""
+    import json
+
+    from .lm import load
+    lm = load(model)
+    c, meta = lm.config, lm.meta
+    summary = meta.get("summary", {}) if isinstance(meta.get("summary"), dict) else {}
+    details = {"file": model, "config": c.to_dict(), "parameters": lm.model.num_parameters,
+               "vocabulary": "".join(lm.vocab.chars), "vocab_size": lm.vocab.size,
+               "steps": summary.get("step"), "chars_seen": summary.get("chars_seen"),
+               "best_val_bpc": summary.get("best_val_bpc"), "best_step": summary.get("best_step"),
+               "train_options": meta.get("train"), "corpus": meta.get("corpus")}
+    if as_json:
+        click.echo(json.dumps(details, ensure_ascii=False))
+        return
+    best = details["best_val_bpc"]
+    lines = [
+        f"file:        {model}",
+        f"model:       {c.cell}, {c.layers} layer(s) x {c.hidden} units, {c.dtype}",
+        f"parameters:  {lm.model.num_parameters:,}",
+        f"vocabulary:  {lm.vocab.size} characters: {_shown(lm.vocab.chars)}",
+        f"trained:     {_count(details['steps'])} steps, {_count(details['chars_seen'])} characters seen",
+        f"best val:    " + (f"{best:.4f} bits per character at step {details['best_step']}"
+                            if isinstance(best, (int, float)) else "n/a"),
+    ]
+    corpus = details["corpus"]
+    if isinstance(corpus, dict) and "path" in corpus:
+        lines.append(f"corpus:      {corpus.get('path')} ({_count(corpus.get('n_chars'))} characters)")
+    if isinstance(details["train_options"], dict):
+        t = details["train_options"]
+        lines.append("options:     " + ", ".join(f"{k}={t[k]}" for k in sorted(t)))
+    for line in lines:
+        _emit(line + "\n")
+
+
+def _shown(chars, limit=80):
+    text = "".join(chars)
+    shown = repr(text[:limit])
+    return shown + (f" ... (+{len(text) - limit})" if len(text) > limit else "")
+
+
+def _count(value):
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
 if __name__ == "__main__":
     main()

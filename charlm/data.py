@@ -93,6 +93,14 @@ def prepare_corpus(path, workdir, encoding="utf-8", errors="strict", val_frac=0.
         fingerprint=written.fingerprint)
 
 
+def read_text(path, encoding="utf-8", errors="strict"):
+    """Yield the decoded text of the file at ``path`` piece by piece (bounded
+    memory), with the same checks and one-line errors as prepare_corpus."""
+    path = os.fspath(path)
+    _check_codec(path, encoding, errors)
+    yield from _iter_text(path, encoding, errors)
+
+
 # --- options -----------------------------------------------------------------
 
 def _check_codec(path, encoding, errors):

@@ -40,17 +40,26 @@ class Score:
 
 def chunked_log_probs(model, ids, chunk=CHUNK):
     """Yield log p(c_k | c_1..c_{k-1}) in nats for k = 2..n, a chunk at a time
-    (float64 arrays), so a file of any length is scored in bounded memory.
+    (float64 arrays), so a text of any length is scored in bounded memory.
 
     ids: a 1-D array of ids in [0, V) (a memory map is fine: it is read a
-    chunk at a time). The model's id check runs before any kernel.
+    chunk at a time), or an iterable of such arrays, the consecutive pieces of
+    one text (as a file is read block by block). The model's id check runs
+    before any kernel.
     """
-    ids = np.asarray(ids)
+    pieces = [ids] if isinstance(ids, np.ndarray) else ids
     state = model.zero_state(1)
-    for start in range(0, len(ids) - 1, chunk):
-        window = np.asarray(ids[start:start + chunk + 1], dtype=np.int32)
-        logp, state = model.log_probs(window[:-1, None], window[1:, None], state)
-        yield logp[:, 0]
+    previous = np.zeros(0, np.int32)     # the last id of the previous piece
+    for piece in pieces:
+        piece = np.asarray(piece)
+        if len(previous):
+            piece = np.concatenate([previous, piece.astype(np.int32)])
+        for start in range(0, len(piece) - 1, chunk):
+            window = np.asarray(piece[start:start + chunk + 1], dtype=np.int32)
+            logp, state = model.log_probs(window[:-1, None], window[1:, None], state)
+            yield logp[:, 0]
+        if len(piece):
+            previous = np.asarray(piece[-1:], dtype=np.int32)
 
 
 def log_probs(model, ids, chunk=CHUNK):

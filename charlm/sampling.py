@@ -1,18 +1,38 @@
 """Drawing text from a model: temperature, top-k, top-p and argmax decoding.
 
-`generate_ids` primes the model with some ids (one forward over the whole
-prime), then draws one id at a time, feeding each back in. Probabilities are
-softmax(logits / temperature), optionally restricted to the k most likely ids
-(top-k) or to the smallest set whose probability reaches p (top-p, nucleus),
-and renormalised. The random draws come from a numpy Generator, so the same
-seed, model and options always give the same text.
+The decoding distribution for one step is softmax(logits / temperature),
+optionally restricted to the k most likely ids (top-k; ids tied with the k-th
+are kept too) and then to the smallest most-likely set whose probability
+reaches p (top-p, nucleus; ties in order of id), renormalised. argmax takes
+the most likely id instead (the first of equals).
+
+`generate_ids` primes the model with all but the last prime id (one batched
+forward), then hands over to the fused Cython kernel `sample_steps`: per
+character, one pass through every layer, the output layer, the filtering and
+the draw, with no Python in between. The kernel runs in blocks of steps
+(1, 2, 4, ... up to MAX_BLOCK), so the first character appears at once and
+later ones come in small bursts, each yielded as soon as its block is done.
+
+Randomness: each block's uniforms come from the caller's numpy Generator,
+`rng.random((steps, batch))`, in step-major order, and the kernel draws by
+inverse CDF. The Generator's stream does not depend on how it is split into
+calls, so the same seed gives the same text whatever the block sizes, and
+the pure-Python `generate_ids_reference` (one Model.next_logits per step,
+kept as the readable reference and the benchmark baseline) draws the same
+ids from the same seed.
 """
 
 import math
 
 import numpy as np
 
+from . import _kernels as K
 from .errors import UsageError
+from .model import State
+
+# Largest number of characters per kernel call: long enough that the Python
+# between calls costs little, short enough that streaming output flows.
+MAX_BLOCK = 64
 
 
 def check_decoding(temperature=1.0, top_k=None, top_p=None):
@@ -21,24 +41,27 @@ def check_decoding(temperature=1.0, top_k=None, top_p=None):
             and temperature > 0):
         raise UsageError(f"temperature must be a finite number > 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or top_k < 1):
+                              or not 1 <= top_k < 2**31):
         raise UsageError(f"top-k must be a positive integer, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise UsageError(f"top-p must be in (0, 1], got {top_p!r}")
 
 
 def probabilities(logits, temperature=1.0, top_k=None, top_p=None):
-    """The decoding distribution for each row of logits (B, V), as float64."""
-    z = np.asarray(logits, np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z)
+    """The decoding distribution for each row of logits (B, V), as float64.
+
+    The numpy statement of what the kernel computes (see the module docstring).
+    """
+    z = np.asarray(logits, np.float64)
+    # subtract the max first, so that a tiny temperature cannot overflow
+    p = np.exp((z - z.max(axis=1, keepdims=True)) / temperature)
     p /= p.sum(axis=1, keepdims=True)
     if top_k is not None and top_k < p.shape[1]:
         # keep the k largest: zero everything below the k-th largest value
         kth = -np.partition(-p, top_k - 1, axis=1)[:, top_k - 1:top_k]
         p = np.where(p >= kth, p, 0.0)
     if top_p is not None and top_p < 1:
-        order = np.argsort(-p, axis=1)
+        order = np.argsort(-p, axis=1, kind="stable")   # ties: lower id first
         sorted_p = np.take_along_axis(p, order, axis=1)
         # keep an id if the mass before it (in descending order) is below p
         before = np.cumsum(sorted_p, axis=1) - sorted_p
@@ -50,10 +73,72 @@ def probabilities(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 def draw(p, rng):
-    """One id per row of p (B, V), by inverse-CDF sampling."""
+    """One id per row of p (B, V), by inverse-CDF sampling: the first id whose
+    cumulative probability exceeds u ~ U[0, 1) (the last id with probability,
+    should round-off leave u past the end)."""
     cdf = np.cumsum(p, axis=1)
     u = rng.random((p.shape[0], 1)) * cdf[:, -1:]
-    return np.minimum((cdf <= u).sum(axis=1), p.shape[1] - 1)
+    last_positive = p.shape[1] - 1 - np.argmax(p[:, ::-1] > 0, axis=1)
+    return np.minimum((cdf <= u).sum(axis=1), last_positive)
+
+
+class FusedSampler:
+    """The kernel `sample_steps` bound to one model's weights and a running
+    state for B streams.
+
+    >>> s = FusedSampler(model, model.zero_state(1))            # doctest: +SKIP
+    >>> ids = s.run(np.array([3], np.int32), rng.random((10, 1)))  # doctest: +SKIP
+    """
+
+    def __init__(self, model, state):
+        """state: the State to start from (copied; the caller's is untouched)."""
+        config, p = model.config, model.params
+        L, dtype = config.layers, config.np_dtype
+        self.cell = config.cell
+        self.vocab_size = config.vocab_size
+        # Laid out for the kernel once, not per call: layer 0's input weights
+        # transposed for the row gather, and the biases folded as in training.
+        self._weights = (
+            np.ascontiguousarray(p["weight_ih_l0"].T),
+            tuple(p[f"weight_ih_l{k}"] for k in range(1, L)),
+            tuple(p[f"weight_hh_l{k}"] for k in range(L)),
+            tuple(np.ascontiguousarray(model._projection_bias(k)) for k in range(L)),
+            tuple(p[f"bias_hh_l{k}"] for k in range(L)),
+            p["out.weight"], p["out.bias"])
+        expected = (L, state.h.shape[1] if state.h.ndim == 3 else -1, config.hidden)
+        if state.h.shape != expected or (self.cell == "lstm" and state.c.shape != expected):
+            raise ValueError(f"state must be {expected}, got {state.h.shape}")
+        self.h = np.array(state.h, dtype, order="C")
+        self.c = (np.array(state.c, dtype, order="C") if self.cell == "lstm"
+                  else np.empty((0, 0, 0), dtype))
+
+    @property
+    def batch(self):
+        return self.h.shape[1]
+
+    @property
+    def state(self):
+        """A copy of the current State."""
+        return State(self.h.copy(), self.c.copy() if self.cell == "lstm" else None)
+
+    def run(self, prev_ids, uniforms, temperature=1.0, top_k=None, top_p=None,
+            argmax=False, probs=None):
+        """Feed prev_ids (B,), then draw one id per stream for each row of
+        uniforms (steps, B), feeding each drawn row to the next step.
+
+        Returns the ids, (steps, B) int32. The last row is drawn but not fed:
+        pass it as prev_ids to continue. probs (steps, B, V) float64, if
+        given, receives each step's decoding distribution.
+        """
+        prev_ids = np.ascontiguousarray(prev_ids, np.int32)
+        uniforms = np.ascontiguousarray(uniforms, np.float64)
+        if uniforms.ndim != 2:
+            raise ValueError(f"uniforms must be (steps, batch), got shape {uniforms.shape}")
+        ids = np.empty(uniforms.shape, np.int32)
+        K.sample_steps(self.cell, *self._weights, self.h, self.c, prev_ids, uniforms, ids,
+                       float(temperature), top_k or 0, 1.0 if top_p is None else float(top_p),
+                       bool(argmax), probs)
+        return ids
 
 
 def generate_ids(model, prime_ids, length, rng, temperature=1.0, top_k=None,
@@ -62,11 +147,65 @@ def generate_ids(model, prime_ids, length, rng, temperature=1.0, top_k=None,
 
     prime_ids: a non-empty 1-D sequence of ids fed before drawing (the
     same prime for every stream). length 0 or None means unbounded.
+    state: the State to start from (default: zeros); not modified.
+    The arguments are checked at the call, the work is done as the ids are
+    taken. Runs the fused kernel; see generate_ids_reference for the same
+    draws in plain numpy.
     """
     check_decoding(temperature, top_k, top_p)
-    prime = np.asarray(prime_ids, np.int32)
-    if prime.ndim != 1 or prime.size == 0:
-        raise UsageError("the prime must hold at least one character")
+    prime = _checked_prime(prime_ids, model.config.vocab_size)
+    _check_batch(batch, state)
+    return _fused_stream(model, prime, length, rng, batch, state,
+                         dict(temperature=temperature, top_k=top_k, top_p=top_p, argmax=argmax))
+
+
+def _fused_stream(model, prime, length, rng, batch, state, decoding):
+    sampler = FusedSampler(model, _primed_state(model, prime[:-1], batch, state))
+    prev = np.full(batch, prime[-1], np.int32)
+    no_draws = np.zeros((MAX_BLOCK, batch))      # argmax reads no uniforms
+    produced, steps = 0, 1
+    while not length or produced < length:
+        if length:
+            steps = min(steps, length - produced)
+        uniforms = no_draws[:steps] if decoding["argmax"] else rng.random((steps, batch))
+        ids = sampler.run(prev, uniforms, **decoding)
+        yield from ids
+        prev = ids[-1]
+        produced += steps
+        steps = min(2 * steps, MAX_BLOCK)
+
+
+def _primed_state(model, head, batch, state):
+    """The state after feeding `head` (the prime but its last id) to every stream."""
+    if state is None:
+        if head.size == 0:
+            return model.zero_state(batch)
+        # Every stream starts alike: prime one and copy its state.
+        _, primed = model.next_logits(head[:, None], model.zero_state(1))
+        return State(np.repeat(primed.h, batch, axis=1),
+                     None if primed.c is None else np.repeat(primed.c, batch, axis=1))
+    if head.size == 0:
+        return state
+    _, primed = model.next_logits(np.repeat(head[:, None], batch, axis=1), state)
+    return primed
+
+
+def generate_ids_reference(model, prime_ids, length, rng, temperature=1.0, top_k=None,
+                           top_p=None, argmax=False, batch=1, state=None):
+    """generate_ids in plain numpy, one Model.next_logits per character.
+
+    Same arguments, same draws from the same seed (up to round-off at a
+    draw's boundary); slow. The reference for tests and benchmarks.
+    """
+    check_decoding(temperature, top_k, top_p)
+    prime = _checked_prime(prime_ids, model.config.vocab_size)
+    _check_batch(batch, state)
+    return _reference_stream(model, prime, length, rng, temperature, top_k, top_p,
+                             argmax, batch, state)
+
+
+def _reference_stream(model, prime, length, rng, temperature, top_k, top_p, argmax,
+                      batch, state):
     if state is None:
         state = model.zero_state(batch)
     x = np.repeat(prime[:, None], batch, axis=1)
@@ -80,3 +219,26 @@ def generate_ids(model, prime_ids, length, rng, temperature=1.0, top_k=None,
         yield ids
         x = ids.astype(np.int32)[None, :]
         produced += 1
+
+
+def _checked_prime(prime_ids, vocab_size):
+    """The prime as a 1-D int32 array; UsageError if empty, ValueError if an
+    id is outside the vocabulary (ids come from Vocabulary.encode, so that is
+    a caller's bug, not a user's)."""
+    prime = np.asarray(prime_ids)
+    if prime.ndim != 1 or prime.size == 0:
+        raise UsageError("the prime must hold at least one character")
+    if prime.dtype.kind not in "iu":
+        raise ValueError(f"prime ids must be integers, got {prime.dtype}")
+    low, high = int(prime.min()), int(prime.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"prime id {low if low < 0 else high} is out of range "
+                         f"for a vocabulary of {vocab_size}")
+    return prime.astype(np.int32)
+
+
+def _check_batch(batch, state):
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise UsageError(f"batch must be a positive integer, got {batch!r}")
+    if state is not None and (state.h.ndim != 3 or state.h.shape[1] != batch):
+        raise ValueError(f"state must hold {batch} streams, got h of shape {state.h.shape}")
