@@ -169,27 +169,53 @@ def train(ctx, corpus, out, resume, force, no_progress, **values):
 @click.argument("model", type=click.Path())
 @click.option("--length", type=int, default=500, show_default=True,
               help="Characters to write; 0: until Ctrl-C.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Divide the logits by this: below 1 is bolder, above 1 wilder.")
 @click.option("--prime", default=None, help="Text to start from (default: a newline).")
+@click.option("--prime-file", type=click.Path(), default=None,
+              help="Read the prime from this UTF-8 file.")
 @click.option("--seed", type=int, default=None, help="Same seed, same model: same text.")
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=None, help="Draw only from the k likeliest.")
+@click.option("--top-p", type=float, default=None,
+              help="Draw only from the smallest set holding this much probability.")
 @click.option("--argmax", is_flag=True, help="Always take the most likely character.")
+@click.option("--num-samples", type=int, default=1, show_default=True,
+              help="Independent samples, generated together as one batch.")
 @click.option("--threads", type=int, default=0)
 @_friendly_errors
-def sample(model, length, temperature, prime, seed, top_k, top_p, argmax, threads):
+def sample(model, length, temperature, prime, prime_file, seed, top_k, top_p, argmax,
+           num_samples, threads):
     """Write text from a trained MODEL to stdout, as it is produced."""
     from .lm import load
     if length < 0:
         raise click.BadParameter("must be >= 0", param_hint="--length")
+    if num_samples < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--num-samples")
+    if num_samples > 1 and not length:
+        raise click.BadParameter("give a --length with --num-samples", param_hint="--length")
+    if prime_file is not None:
+        if prime is not None:
+            raise click.BadParameter("give --prime or --prime-file, not both")
+        prime = "".join(_read_prime(prime_file))
     _limit_threads(threads)
     lm = load(model)
+    options = dict(temperature=temperature, prime=prime, seed=seed, top_k=top_k, top_p=top_p,
+                   argmax=argmax)
+    if num_samples > 1:
+        for k, text in enumerate(lm.sample_batch(num_samples, length, **options), 1):
+            _emit(f"===== sample {k} =====\n{prime or ''}{text}\n")
+        return
+    characters = lm.generate(length, **options)     # checks the prime and options first
     if prime:
         _emit(prime)
-    for text in lm.generate(length, temperature=temperature, prime=prime, seed=seed,
-                            top_k=top_k, top_p=top_p, argmax=argmax):
+    for text in characters:
         _emit(text)
     _emit("\n")
+
+
+def _read_prime(path):
+    from .data import read_text
+    return read_text(path)
 
 
 def _emit(text):

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import checkpoint, evaluate
 from .errors import UsageError
-from .sampling import generate_ids
+from .sampling import check_decoding, generate_ids
 
 
 def load(path):
@@ -46,11 +46,14 @@ class LanguageModel:
 
         >>> "".join(m.generate(50, seed=0))                 # doctest: +SKIP
         """
+        # Checked here, before the first character is asked for, so that a bad
+        # prime or option fails before anything is printed.
+        check_decoding(temperature, top_k, top_p)
         prime_ids = self._prime_ids(prime)
         rng = np.random.default_rng(seed)
-        for ids in generate_ids(self.model, prime_ids, length, rng, temperature=temperature,
-                                top_k=top_k, top_p=top_p, argmax=argmax):
-            yield self.vocab.decode(ids[:1])
+        steps = generate_ids(self.model, prime_ids, length, rng, temperature=temperature,
+                             top_k=top_k, top_p=top_p, argmax=argmax)
+        return (self.vocab.decode(ids[:1]) for ids in steps)
 
     def sample(self, length=500, temperature=1.0, prime=None, seed=None, top_k=None,
                top_p=None, argmax=False):
@@ -61,6 +64,23 @@ class LanguageModel:
         if not length:
             raise UsageError("sample() needs a length > 0; use generate() for unbounded text")
         return "".join(self.generate(length, temperature, prime, seed, top_k, top_p, argmax))
+
+    def sample_batch(self, count, length=500, temperature=1.0, prime=None, seed=None,
+                     top_k=None, top_p=None, argmax=False):
+        """`count` independent samples drawn together as one batch (a list of str).
+
+        >>> m.sample_batch(3, 100, temperature=0.8, seed=1)   # doctest: +SKIP
+        """
+        if not length:
+            raise UsageError("sample_batch() needs a length > 0")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise UsageError(f"the number of samples must be a positive integer, got {count!r}")
+        rng = np.random.default_rng(seed)
+        steps = list(generate_ids(self.model, self._prime_ids(prime), length, rng,
+                                  temperature=temperature, top_k=top_k, top_p=top_p,
+                                  argmax=argmax, batch=count))
+        ids = np.stack(steps, axis=1)              # (count, length)
+        return [self.vocab.decode(row) for row in ids]
 
     def log_probs(self, text):
         """log p(character k | characters before it) in nats, for k = 2..n (float64 array).
