@@ -16,12 +16,14 @@ same weights (charlm's init, copied into torch), the same threads and dtype.
 
 Method. After a warm-up (not timed), which also picks K, the steps per block,
 so that a block lasts about a second, each of R rounds times a block of K
-charlm steps and then a block of K torch steps. Interleaving the blocks makes
-slow drift of the machine (clock, neighbours) hit both alike. A block's rate
-is K*T*B / seconds in characters per second; the table gives the median over
-rounds, the ratio of the medians, charlm's matmul GFLOP/s (see
-flops_per_char) and that as a fraction of an sgemm rate measured in the same
-run through scipy's BLAS, the very OpenBLAS that charlm's kernels call.
+charlm steps, a block of torch steps, then two blocks of sgemm calls (the
+recurrent step's (B x H) @ (H x G) and the input projection's (T*B x H) @
+(H x G)) through scipy's BLAS, the very OpenBLAS that charlm's kernels call.
+Interleaving the blocks makes slow drift of the machine (clock, neighbours)
+hit all four alike. A block's rate is K*T*B / seconds in characters per
+second (FLOP/s for sgemm); the table gives the median over rounds, the ratio
+of the medians, charlm's matmul GFLOP/s (see flops_per_char) and that as a
+fraction of the faster sgemm's median GFLOP/s.
 
 Run from the repository root (charlm built in place):
     python benchmarks/bench_train.py --quick
@@ -54,6 +56,7 @@ from charlm.model import Config, Model  # noqa: E402
 
 CLIP_NORM = 5.0
 LEARNING_RATE = 2e-3
+BLOCK_BUDGET = 3       # a block stops after this many times its planned length
 N_CHUNKS = 4           # distinct chunks cycled through; their one-hots are prebuilt
 FALLBACK_VOCAB = 65    # tiny-shakespeare's alphabet size, for the random text
 
@@ -236,6 +239,7 @@ def charlm_optimiser_api():
 
 class CharlmTrainer:
     def __init__(self, cfg, vocab_size, dtype, chunks, optimiser_api):
+        self.units_per_step = cfg.seq * cfg.batch
         make_optimizer, self.clip, _ = optimiser_api
         config = Config(vocab_size=vocab_size, cell=cfg.cell, hidden=cfg.hidden,
                         layers=cfg.layers, dtype=dtype)
@@ -260,6 +264,7 @@ class CharlmTrainer:
 
 class TorchTrainer:
     def __init__(self, torch, cfg, vocab_size, dtype, chunks, initial_weights):
+        self.units_per_step = cfg.seq * cfg.batch
         self.torch, self.V = torch, vocab_size
         tdtype = getattr(torch, dtype)
         H, L = cfg.hidden, cfg.layers
@@ -308,23 +313,29 @@ def import_torch(threads):
 # Timing
 # ---------------------------------------------------------------------------
 
-def time_block(trainer, steps):
+def time_block(contender, steps, budget=math.inf):
+    """Run up to `steps` steps; stop early once `budget` seconds have passed,
+    so that a block sized while the machine was quiet cannot run for minutes
+    when it gets busy. Returns (steps run, seconds)."""
     start = time.perf_counter()
-    for _ in range(steps):
-        trainer.step()
-    return time.perf_counter() - start
+    done = 0
+    while done < steps:
+        contender.step()
+        done += 1
+        if time.perf_counter() - start > budget:
+            break
+    return done, time.perf_counter() - start
 
 
-def warm_up(trainer, timing):
-    """Untimed steps (allocations, caches, lazy init); returns (first-step
-    loss, steps per block K so that a block lasts about block_seconds)."""
-    first_loss = float(trainer.step())
+def steps_per_block(contender, timing):
+    """Untimed warm-up steps (allocations, caches, lazy init), which also give
+    K, the steps per block that make a block last about block_seconds."""
     durations = []
     start = time.perf_counter()
     while len(durations) < timing.warmup_steps or time.perf_counter() - start < timing.warmup_seconds:
-        durations.append(time_block(trainer, 1))
+        durations.append(time_block(contender, 1)[1])
     per_step = statistics.median(durations[-timing.warmup_steps:])
-    return first_loss, max(1, round(timing.block_seconds / per_step))
+    return max(1, round(timing.block_seconds / per_step))
 
 
 def flops_per_char(cfg, vocab_size, gates_per_unit):
@@ -346,71 +357,65 @@ def flops_per_char(cfg, vocab_size, gates_per_unit):
     return 6 * (H * G * (2 * L - 1) + H * V)
 
 
-def gemm_rate(rows, H, G, dtype, timing, rng):
-    """Median GFLOP/s of scipy's ?gemm on charlm's shape (rows, H) @ (H, G),
-    called exactly as the kernels call it: gates += h @ W_hh.T, row-major,
-    expressed for column-major BLAS with no copies."""
-    gemm = scipy.linalg.blas.sgemm if dtype == "float32" else scipy.linalg.blas.dgemm
-    h = rng.standard_normal((rows, H)).astype(dtype) * 0.1
-    W = rng.standard_normal((G, H)).astype(dtype) * 0.1
-    gates = np.zeros((rows, G), dtype)
+class GemmProbe:
+    """One ?gemm on charlm's shape (rows, H) @ (H, G) through scipy's BLAS, called
+    exactly as the kernels call it (gates += h @ W_hh.T, row-major, handed to
+    column-major BLAS as transposes: no copies). A "step" is one call; its
+    units are FLOPs, so a block's rate is FLOP/s."""
 
-    def call():
-        gemm(1.0, W.T, h.T, beta=1.0, c=gates.T, trans_a=1, overwrite_c=1)
+    def __init__(self, rows, H, G, dtype, rng):
+        self.gemm = scipy.linalg.blas.sgemm if dtype == "float32" else scipy.linalg.blas.dgemm
+        self.h = (rng.standard_normal((rows, H)) * 0.1).astype(dtype)
+        self.W = (rng.standard_normal((G, H)) * 0.1).astype(dtype)
+        self.gates = np.zeros((rows, G), dtype)
+        self.units_per_step = 2 * rows * H * G
 
-    start = time.perf_counter()
-    calls = 0
-    while calls < 3 or time.perf_counter() - start < timing.warmup_seconds / 4:
-        call()
-        calls += 1
-    per_call = (time.perf_counter() - start) / calls
-    block = max(1, round(timing.block_seconds / 4 / per_call))
-    rates = []
-    for _ in range(timing.rounds):
-        start = time.perf_counter()
-        for _ in range(block):
-            call()
-        rates.append(2 * rows * H * G * block / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates), rates
+    def step(self):
+        self.gemm(1.0, self.W.T, self.h.T, beta=1.0, c=self.gates.T, trans_a=1, overwrite_c=1)
 
 
 def bench_config(cfg, ids, vocab_size, dtype, timing, torch, optimiser_api, log):
+    """Interleaved rounds of: K charlm steps, K' torch steps and the two sgemm
+    probes, so that whatever else the machine is doing hits all four alike."""
     chunks = make_chunks(ids, cfg, N_CHUNKS)
-    chars_per_step = cfg.seq * cfg.batch
     ours = CharlmTrainer(cfg, vocab_size, dtype, chunks, optimiser_api)
+    G = ours.model.config.gates
+    rng = np.random.default_rng(1)
     contenders = {"charlm": ours}
     if torch is not None:
         contenders["torch"] = TorchTrainer(torch, cfg, vocab_size, dtype, chunks,
                                            ours.model.torch_state_dict())
-    first_loss, steps = {}, {}
-    for name, trainer in contenders.items():
-        first_loss[name], steps[name] = warm_up(trainer, timing)
+    # Both start from the same weights, so their first losses must agree.
+    first_loss = {name: float(trainer.step()) for name, trainer in contenders.items()}
+    contenders["gemm_step"] = GemmProbe(cfg.batch, cfg.hidden, G, dtype, rng)
+    contenders["gemm_rows"] = GemmProbe(cfg.batch * cfg.seq, cfg.hidden, G, dtype, rng)
+    steps = {name: steps_per_block(c, timing) for name, c in contenders.items()}
     rates = {name: [] for name in contenders}
     for r in range(timing.rounds):
-        for name, trainer in contenders.items():
-            seconds = time_block(trainer, steps[name])
-            rates[name].append(steps[name] * chars_per_step / seconds)
+        for name, c in contenders.items():
+            done, seconds = time_block(c, steps[name], BLOCK_BUDGET * timing.block_seconds)
+            rates[name].append(done * c.units_per_step / seconds)
         log(f"  round {r + 1}/{timing.rounds}: " + ", ".join(
-            f"{name} {rates[name][-1]:,.0f} chars/s" for name in contenders))
-
-    rng = np.random.default_rng(1)
-    G = ours.model.config.gates
-    step_gemm, step_gemm_rounds = gemm_rate(cfg.batch, cfg.hidden, G, dtype, timing, rng)
-    big_gemm, big_gemm_rounds = gemm_rate(chars_per_step, cfg.hidden, G, dtype, timing, rng)
+            f"{name} {rates[name][-1]:,.0f} chars/s" for name in contenders if "gemm" not in name)
+            + ", sgemm " + "/".join(f"{rates[n][-1] / 1e9:.1f}" for n in ("gemm_step", "gemm_rows"))
+            + " GFLOP/s")
 
     medians = {name: statistics.median(v) for name, v in rates.items()}
-    flops = flops_per_char(cfg, vocab_size, G // cfg.hidden)
-    charlm_gflops = medians["charlm"] * flops / 1e9
+    charlm_gflops = medians["charlm"] * flops_per_char(cfg, vocab_size, G // cfg.hidden) / 1e9
+    gemm_peak = max(medians["gemm_step"], medians["gemm_rows"]) / 1e9
     return {
         "config": cfg.name, "label": cfg.label,
         "T": cfg.seq, "B": cfg.batch, "H": cfg.hidden, "L": cfg.layers, "G": G, "V": vocab_size,
         "steps_per_block": steps, "first_step_loss": first_loss,
-        "chars_per_s_rounds": rates, "chars_per_s_median": medians,
+        "rate_units": "chars/s for charlm and torch, FLOP/s for gemm_*",
+        "rates_per_round": rates, "rates_median": medians,
         "ratio": medians["charlm"] / medians["torch"] if "torch" in medians else None,
-        "flops_per_char": flops, "charlm_gflops": charlm_gflops,
-        "gemm_step_gflops": step_gemm, "gemm_step_gflops_rounds": step_gemm_rounds,
-        "gemm_rows_gflops": big_gemm, "gemm_rows_gflops_rounds": big_gemm_rounds,
-        "pct_of_gemm_peak": 100 * charlm_gflops / max(step_gemm, big_gemm),
+        "flops_per_char": flops_per_char(cfg, vocab_size, G // cfg.hidden),
+        "charlm_gflops": charlm_gflops,
+        "gemm_step_gflops": medians["gemm_step"] / 1e9,
+        "gemm_rows_gflops": medians["gemm_rows"] / 1e9,
+        "pct_of_gemm_peak": 100 * charlm_gflops / gemm_peak,
+        "load_average_after": os.getloadavg()[0],
     }
 
 
@@ -465,7 +470,7 @@ def markdown_table(results):
              "| % of GEMM peak | sgemm BxH@HxG GFLOP/s | sgemm TBxH@HxG GFLOP/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        med = r["chars_per_s_median"]
+        med = r["rates_median"]
         torch_rate = f"{med['torch']:,.0f}" if "torch" in med else "—"
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "—"
         lines.append(f"| {r['label']} | {med['charlm']:,.0f} | {torch_rate} | {ratio} "

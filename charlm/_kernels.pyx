@@ -706,7 +706,6 @@ def target_log_probs(const real[:, ::1] logits, const int[::1] targets,
 
 from libc.stdlib cimport malloc, free, qsort
 from libc.math cimport isfinite
-from scipy.linalg.cython_blas cimport sgemv, dgemv
 
 cdef enum:
     CELL_RNN_TANH = 0
@@ -723,28 +722,6 @@ _SAMPLING_CELLS = {"rnn": (CELL_RNN_TANH, 1), "rnn-relu": (CELL_RNN_RELU, 1),
 # usual case) then costs O(V), not a full O(V log V) sort.
 cdef enum:
     NUCLEUS_FIRST_GUESS = 64
-
-
-cdef inline void _add_product(int B, int n_out, int n_in, const real* x,
-                              const real* W, real* y) noexcept nogil:
-    """y (B, n_out) += x (B, n_in) @ W.T, W (n_out, n_in) row-major.
-
-    With one stream this is a matrix-vector product, and BLAS's gemv does it
-    straight from W. gemm would first pack all of W into its blocked layout,
-    which at B = 1 costs more than the product itself (measured: about 3x).
-    """
-    cdef char trans = b'T'
-    cdef int one = 1
-    cdef real alpha = 1
-    if B != 1:
-        gemm(False, True, B, n_out, n_in, 1, x, n_in, W, n_in, 1, y, n_out)
-    elif real is float:
-        # row-major W (n_out, n_in) is column-major (n_in, n_out): y += W_cm.T x
-        sgemv(&trans, &n_in, &n_out, &alpha, <float*>W, &n_in, <float*>x, &one,
-              &alpha, y, &one)
-    else:
-        dgemv(&trans, &n_in, &n_out, &alpha, <double*>W, &n_in, <double*>x, &one,
-              &alpha, y, &one)
 
 
 cdef struct Ranked:
@@ -908,56 +885,74 @@ cdef void _cell_step(int cell, int B, int H, real* gates, real* hh,
     """Advance one layer by one step, in place, for B streams.
 
     gates (B, G): in, the input projection (with both biases folded in; for
-        the GRU, b_ih only); clobbered.
-    W_hh (G, H), b_hh (G,): read by the GRU only (the others have it folded).
+        the GRU, b_ih only); clobbered (the activated gates).
+    W_hh (G, H), b_hh (G,): b_hh is read by the GRU only (the others have it folded).
     h, c (B, H): in, the previous state; out, the new one. Updating in place
         is safe: the GEMM has consumed h before, and unit j reads only h[j], c[j].
     hh (B, 3H): GRU scratch for W_hh h + b_hh.
-    Same equations, in the same order, as rnn/lstm/gru_forward.
+    Same equations, in the same order, as rnn/lstm/gru_forward; one short
+    loop per equation, as there, so that gcc vectorises each.
     """
-    cdef int G, b, j
-    cdef real ig, fg, gg, og, r, z, n
+    cdef int G = H * (4 if cell == CELL_LSTM else 3 if cell == CELL_GRU else 1)
+    cdef int b, j
     cdef real* gate
     cdef real* hrow
-    cdef real* crow
-    cdef real* hhrow
     if cell == CELL_GRU:
-        G = 3 * H
         for b in range(B):
             memcpy(hh + <size_t>b * G, b_hh, G * sizeof(real))
         # hh = h @ W_hh.T + b_hh                   (B,3H) += (B,H) @ (H,3H)
-        _add_product(B, G, H, h, W_hh, hh)
-        for b in range(B):
-            gate = gates + <size_t>b * G
-            hhrow = hh + <size_t>b * G
-            hrow = h + <size_t>b * H
-            for j in range(H):
-                r = sigmoid(gate[j] + hhrow[j])
-                z = sigmoid(gate[H + j] + hhrow[H + j])
-                n = tanh_(gate[2 * H + j] + r * hhrow[2 * H + j])
-                hrow[j] = (1 - z) * n + z * hrow[j]
-        return
-    G = 4 * H if cell == CELL_LSTM else H
-    # gates += h @ W_hh.T                          (B,G) += (B,H) @ (H,G)
-    _add_product(B, G, H, h, W_hh, gates)
+        gemm(False, True, B, G, H, 1, h, H, W_hh, H, 1, hh, G)
+    else:
+        # gates += h @ W_hh.T                      (B,G) += (B,H) @ (H,G)
+        gemm(False, True, B, G, H, 1, h, H, W_hh, H, 1, gates, G)
     for b in range(B):
         gate = gates + <size_t>b * G
         hrow = h + <size_t>b * H
         if cell == CELL_LSTM:
-            crow = c + <size_t>b * H
-            for j in range(H):
-                ig = sigmoid(gate[j])
-                fg = sigmoid(gate[H + j])
-                gg = tanh_(gate[2 * H + j])
-                og = sigmoid(gate[3 * H + j])
-                crow[j] = fg * crow[j] + ig * gg
-                hrow[j] = og * tanh_(crow[j])
+            _lstm_units(H, gate, c + <size_t>b * H, hrow)
+        elif cell == CELL_GRU:
+            _gru_units(H, gate, hh + <size_t>b * G, hrow)
         elif cell == CELL_RNN_RELU:
             for j in range(H):
                 hrow[j] = gate[j] if gate[j] > 0 else 0
         else:
             for j in range(H):
                 hrow[j] = tanh_(gate[j])
+
+
+cdef inline void _lstm_units(int H, real* gate, real* c, real* h) noexcept nogil:
+    """One stream: gate [i|f|g|o] pre-activations in, activated out; c, h updated."""
+    cdef int j
+    cdef real* i = gate
+    cdef real* f = gate + H
+    cdef real* g = gate + 2 * H
+    cdef real* o = gate + 3 * H
+    for j in range(2 * H):        # i, f = sigmoid(.)
+        i[j] = sigmoid(i[j])
+    for j in range(H):            # g = tanh(.)
+        g[j] = tanh_(g[j])
+    for j in range(H):            # o = sigmoid(.)
+        o[j] = sigmoid(o[j])
+    for j in range(H):            # c_t = f * c_{t-1} + i * g
+        c[j] = f[j] * c[j] + i[j] * g[j]
+    for j in range(H):            # h_t = o * tanh(c_t)
+        h[j] = o[j] * tanh_(c[j])
+
+
+cdef inline void _gru_units(int H, real* gate, const real* hh, real* h) noexcept nogil:
+    """One stream: gate [r|z|n] holds W_ih x + b_ih, hh holds W_hh h + b_hh; h updated."""
+    cdef int j
+    cdef real* r = gate
+    cdef real* z = gate + H
+    cdef real* n = gate + 2 * H
+    for j in range(H):
+        r[j] = sigmoid(r[j] + hh[j])
+    for j in range(H):
+        z[j] = sigmoid(z[j] + hh[H + j])
+    for j in range(H):            # b_hn sits inside the product with r
+        n[j] = tanh_(n[j] + r[j] * hh[2 * H + j])
+    for j in range(H):
+        h[j] = (1 - z[j]) * n[j] + z[j] * h[j]
 
 
 cdef const real** _layer_pointers(tuple arrays, int count, int rows, int cols,
@@ -1092,13 +1087,15 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
                     for b in range(B):
                         memcpy(gates + <size_t>b * G, bias_p[k], G * sizeof(real))
                     # gates += h[k-1] @ W_ih.T      (B,G) += (B,H) @ (H,G)
-                    _add_product(B, G, H, &h[k - 1, 0, 0], W_ih_p[k - 1], gates)
+                    gemm(False, True, B, G, H, 1, &h[k - 1, 0, 0], H, W_ih_p[k - 1], H,
+                         1, gates, G)
                     _cell_step(code, B, H, gates, hh, W_hh_p[k], b_hh_p[k], &h[k, 0, 0],
                                c_base + <size_t>k * B * H if c_base != NULL else NULL)
                 # logits = h_top @ W_out.T + b_out  (B,V) += (B,H) @ (H,V)
                 for b in range(B):
                     memcpy(logits + <size_t>b * V, &b_out[0], V * sizeof(real))
-                _add_product(B, V, H, &h[L - 1, 0, 0], &W_out[0, 0], logits)
+                gemm(False, True, B, V, H, 1, &h[L - 1, 0, 0], H, &W_out[0, 0], H,
+                     1, logits, V)
                 for b in range(B):
                     ids[s, b] = _pick(logits + <size_t>b * V, V, temperature, top_k, top_p,
                                       argmax, uniforms[s, b], weight, ranked,
