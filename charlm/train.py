@@ -260,7 +260,8 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix_str(
-                            f"loss {loss:.3f} | {window.chars_per_second():,.0f} char/s",
+                            f"loss {loss:.3f} | {window.chars_per_second():,.0f} char/s | "
+                            f"|g| {window.last_norm:.2f}{' clipped' if window.last_clipped else ''}",
                             refresh=False)
                     if p.step % o.eval_every == 0:
                         self._evaluate_and_save(window, bar)
@@ -465,6 +466,7 @@ class _Window:
     def reset(self):
         self.steps, self.loss, self.chars, self.seconds = 0, 0.0, 0, 0.0
         self.clipped, self.max_norm, self.norm_sum = 0, 0.0, 0.0
+        self.last_norm, self.last_clipped = 0.0, False
 
     def add(self, loss, norm, clipped, chars, seconds):
         self.steps += 1
@@ -474,6 +476,7 @@ class _Window:
         self.clipped += clipped
         self.norm_sum += norm
         self.max_norm = max(self.max_norm, norm)
+        self.last_norm, self.last_clipped = norm, clipped
 
     def chars_per_second(self):
         return self.chars / self.seconds if self.seconds else 0.0
