@@ -105,16 +105,15 @@ class FusedSampler:
             tuple(np.ascontiguousarray(model._projection_bias(k)) for k in range(L)),
             tuple(p[f"bias_hh_l{k}"] for k in range(L)),
             p["out.weight"], p["out.bias"])
-        expected = (L, state.h.shape[1] if state.h.ndim == 3 else -1, config.hidden)
-        if state.h.shape != expected or (self.cell == "lstm" and state.c.shape != expected):
-            raise ValueError(f"state must be {expected}, got {state.h.shape}")
+        B = state.h.shape[1] if state.h.ndim == 3 else 0
+        expected = (L, B, config.hidden)
+        if (B < 1 or state.h.shape != expected
+                or (self.cell == "lstm" and state.c.shape != expected)):
+            raise ValueError(f"state must be (layers, batch, hidden) = {expected}, "
+                             f"got h of shape {state.h.shape}")
         self.h = np.array(state.h, dtype, order="C")
         self.c = (np.array(state.c, dtype, order="C") if self.cell == "lstm"
                   else np.empty((0, 0, 0), dtype))
-
-    @property
-    def batch(self):
-        return self.h.shape[1]
 
     @property
     def state(self):
@@ -143,7 +142,7 @@ class FusedSampler:
 
 def generate_ids(model, prime_ids, length, rng, temperature=1.0, top_k=None,
                  top_p=None, argmax=False, batch=1, state=None):
-    """Yield `length` steps of drawn ids, each an int array (batch,).
+    """Yield `length` steps of drawn ids, each an int32 array (batch,).
 
     prime_ids: a non-empty 1-D sequence of ids fed before drawing (the
     same prime for every stream). length 0 or None means unbounded.
@@ -162,12 +161,14 @@ def generate_ids(model, prime_ids, length, rng, temperature=1.0, top_k=None,
 def _fused_stream(model, prime, length, rng, batch, state, decoding):
     sampler = FusedSampler(model, _primed_state(model, prime[:-1], batch, state))
     prev = np.full(batch, prime[-1], np.int32)
-    no_draws = np.zeros((MAX_BLOCK, batch))      # argmax reads no uniforms
     produced, steps = 0, 1
     while not length or produced < length:
         if length:
             steps = min(steps, length - produced)
-        uniforms = no_draws[:steps] if decoding["argmax"] else rng.random((steps, batch))
+        if decoding["argmax"]:      # no draws, so the Generator is left untouched
+            uniforms = np.zeros((steps, batch))
+        else:
+            uniforms = rng.random((steps, batch))
         ids = sampler.run(prev, uniforms, **decoding)
         yield from ids
         prev = ids[-1]
