@@ -98,3 +98,16 @@ def test_api_sample_batch_and_generate(model_path):
     assert len(texts) == 4 and all(len(t) == 50 for t in texts)
     assert "".join(lm.generate(50, seed=2)) == lm.sample(50, seed=2)
     assert lm.sample(40, argmax=True) == lm.sample(40, argmax=True, seed=99)
+
+
+def test_api_save_load_and_torch_state_dict(model_path, tmp_path):
+    lm = charlm.load(str(model_path))
+    copy = tmp_path / "copy.safetensors"
+    lm.save(str(copy))
+    again = charlm.load(str(copy))
+    assert again.vocab == lm.vocab and again.config == lm.config
+    assert again.sample(60, seed=5) == lm.sample(60, seed=5)
+    assert again.bits_per_char(TEXT[:300]) == lm.bits_per_char(TEXT[:300])
+    state = again.torch_state_dict()
+    assert "rnn.weight_hh_l1" in state and state["decoder.weight"].shape == (lm.vocab.size, 24)
+    assert "sample" in charlm.__doc__ and "bits_per_char" in charlm.__doc__
