@@ -56,7 +56,7 @@ class TrainOptions:
     """Every option of `charlm train`, with its default (see the README for
     the measurement behind the defaults)."""
 
-    cell: str = "lstm"
+    cell: str = "gru"
     layers: int = 2
     hidden: int = 256
     batch_size: int = 64
@@ -73,7 +73,7 @@ class TrainOptions:
     clip_value: float = 0.0         # 0 disables
     val_frac: float = 0.1
     max_steps: int = 0              # 0: no limit (total over resumes)
-    max_epochs: float = 0           # 0: no limit
+    max_epochs: float = 10          # 0: no limit
     max_time: float = 0             # seconds for this invocation, 0: no limit
     eval_every: int = 200
     sample_every: int = 1000

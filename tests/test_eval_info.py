@@ -21,7 +21,7 @@ def trained(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")
     out = root / "m.safetensors"
-    options = TrainOptions(hidden=24, batch_size=4, seq_length=16, eval_every=15, max_steps=30,
+    options = TrainOptions(cell="lstm", hidden=24, batch_size=4, seq_length=16, eval_every=15, max_steps=30,
                            sample_every=0, lr=1e-2)
     trainer = Trainer(corpus, out, options, echo=lambda *a: None, progress_bar=False)
     trainer.run()

@@ -189,6 +189,7 @@ def test_sigint_saves_a_clean_checkpoint_that_resumes(tmp_path):
     corpus = make_corpus(tmp_path)
     out = tmp_path / "m.safetensors"
     command = [sys.executable, "-m", "charlm", "train", str(corpus), "--out", str(out),
+               "--max-epochs", "0",
                "--hidden", "32", "--batch-size", "8", "--seq-length", "16",
                "--eval-every", "5", "--sample-every", "0", "--no-progress"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
