@@ -7,9 +7,7 @@ state is carried (detached) from chunk to chunk. Both models start from the
 same weights (charlm's init, copied into torch), the same threads and dtype.
 
 - charlm: ``Model.loss_and_grads(x, y, state)``, then
-  ``charlm.optim.clip_by_global_norm`` and ``make_optimizer("adam", ...)``;
-  while charlm.optim does not exist, a small in-place numpy Adam defined here
-  stands in (the output says which one ran).
+  ``charlm.optim.clip_by_global_norm`` and ``make_optimizer("adam", ...)``.
 - PyTorch: nn.LSTM/GRU/RNN(V, H, L) + nn.Linear(H, V) on a (T, B, V) one-hot
   float tensor built once per chunk outside the timed region,
   F.cross_entropy, clip_grad_norm_, torch.optim.Adam (its defaults).
@@ -174,67 +172,10 @@ def make_chunks(ids, cfg, count):
 # charlm
 # ---------------------------------------------------------------------------
 
-class FallbackAdam:
-    """FALLBACK ONLY, used while charlm.optim is missing: Adam (Kingma & Ba)
-    with torch's defaults, updating the parameter arrays in place. Scratch
-    buffers are allocated once so that a step allocates nothing, as a real
-    optimiser would."""
-
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
-        self.params, self.lr, self.eps = params, lr, eps
-        self.beta1, self.beta2 = betas
-        self.m = {k: np.zeros_like(p) for k, p in params.items()}
-        self.v = {k: np.zeros_like(p) for k, p in params.items()}
-        self.scratch = {k: np.empty_like(p) for k, p in params.items()}
-        self.t = 0
-
-    def step(self, grads):
-        self.t += 1
-        b1, b2 = self.beta1, self.beta2
-        step_size = self.lr / (1 - b1 ** self.t)
-        root_bc2 = math.sqrt(1 - b2 ** self.t)
-        for name, p in self.params.items():
-            g, m, v, tmp = grads[name], self.m[name], self.v[name], self.scratch[name]
-            m *= b1
-            np.multiply(g, 1 - b1, out=tmp)
-            m += tmp
-            v *= b2
-            np.multiply(g, g, out=tmp)
-            tmp *= 1 - b2
-            v += tmp
-            # p -= step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-            np.sqrt(v, out=tmp)
-            tmp /= root_bc2
-            tmp += self.eps
-            np.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            p -= tmp
-
-
-def fallback_clip_by_global_norm(grads, max_norm):
-    """FALLBACK ONLY: scale all gradients in place so their joint L2 norm is at
-    most max_norm. Returns (norm before clipping, whether it clipped), as
-    charlm.optim.clip_by_global_norm does."""
-    norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
-    if not norm > max_norm:
-        return norm, False
-    scale = max_norm / norm
-    for g in grads.values():
-        g *= scale
-    return norm, True
-
-
 def charlm_optimiser_api():
-    """(make_optimizer, clip_by_global_norm, description): charlm.optim's when
-    it can be imported, else the fallbacks above."""
-    try:
-        from charlm.optim import clip_by_global_norm, make_optimizer
-        return make_optimizer, clip_by_global_norm, "charlm.optim Adam"
-    except ImportError:
-        def make(kind, params, lr):
-            assert kind == "adam"
-            return FallbackAdam(params, lr)
-        return make, fallback_clip_by_global_norm, "FALLBACK numpy Adam (charlm.optim missing)"
+    """(make_optimizer, clip_by_global_norm, description) from charlm.optim."""
+    from charlm.optim import clip_by_global_norm, make_optimizer
+    return make_optimizer, clip_by_global_norm, "charlm.optim Adam"
 
 
 class CharlmTrainer:
