@@ -303,9 +303,9 @@ class Model:
         return caches
 
     def _project_inputs(self, layer, x, below, cache):
-        """cache.gates = W_ih x + bias for all T*B rows (bias: see _projection_bias)."""
+        """cache.gates = W_ih x + bias for all T*B rows (bias: see projection_bias)."""
         p, N = self.params, x.size
-        bias = self._projection_bias(layer)
+        bias = self.projection_bias(layer)
         gates = cache.gates.reshape(N, -1)
         if layer == 0:
             W_ihT = np.ascontiguousarray(p["weight_ih_l0"].T)   # (V, G): rows to gather
@@ -313,7 +313,7 @@ class Model:
         else:
             K.input_from_dense(_rows(below), p[f"weight_ih_l{layer}"], bias, gates)
 
-    def _projection_bias(self, layer):
+    def projection_bias(self, layer):
         """b_ih + b_hh folded together, except for the GRU, whose b_hn sits inside r*(.)."""
         b_ih = self.params[f"bias_ih_l{layer}"]
         if self.config.cell == "gru":

@@ -102,7 +102,7 @@ class FusedSampler:
             np.ascontiguousarray(p["weight_ih_l0"].T),
             tuple(p[f"weight_ih_l{k}"] for k in range(1, L)),
             tuple(p[f"weight_hh_l{k}"] for k in range(L)),
-            tuple(np.ascontiguousarray(model._projection_bias(k)) for k in range(L)),
+            tuple(np.ascontiguousarray(model.projection_bias(k)) for k in range(L)),
             tuple(p[f"bias_hh_l{k}"] for k in range(L)),
             p["out.weight"], p["out.bias"])
         B = state.h.shape[1] if state.h.ndim == 3 else 0
