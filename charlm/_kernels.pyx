@@ -329,6 +329,35 @@ def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
 #   h_t = o * tanh(c_t)
 # ---------------------------------------------------------------------------
 
+cdef inline void lstm_units(int H, real* gate, const real* c_prev, real* c,
+                            real* tanh_c, real* h) noexcept nogil:
+    """One stream, one step, after the products: gate (4H,) holds the
+    pre-activations [i|f|g|o] and receives the activated gates; writes
+    c = c_t, tanh_c = tanh(c_t) and h = h_t. c may be c_prev (the sampler
+    updates its state in place); tanh_c and h must not overlap anything else.
+
+    One short loop per equation, each touching few arrays: gcc then
+    vectorises every one (a single loop over all the arrays needs too many
+    run-time alias checks, and stays scalar).
+    """
+    cdef int j
+    cdef real* i = gate
+    cdef real* f = gate + H
+    cdef real* g = gate + 2 * H
+    cdef real* o = gate + 3 * H
+    for j in range(2 * H):        # i, f = sigmoid(.), in place
+        i[j] = sigmoid(i[j])
+    for j in range(H):            # g = tanh(.)
+        g[j] = tanh_(g[j])
+    for j in range(H):            # o = sigmoid(.)
+        o[j] = sigmoid(o[j])
+    for j in range(H):            # c_t = f * c_{t-1} + i * g
+        c[j] = f[j] * c_prev[j] + i[j] * g[j]
+    for j in range(H):            # h_t = o * tanh(c_t)
+        tanh_c[j] = tanh_(c[j])
+        h[j] = o[j] * tanh_c[j]
+
+
 def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
                  real[:, :, ::1] h, real[:, :, ::1] c, real[:, :, ::1] tanh_c):
     """Run the recurrence over the chunk.
@@ -340,15 +369,7 @@ def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     tanh_c (T, B, H) written: tanh(c_t), kept for the backward pass.
     """
     cdef int T = gates.shape[0], B = gates.shape[1], H = h.shape[2], G = 4 * H
-    cdef int t, b, j
-    cdef real* i        # the four gate rows of one stream: [i | f | g | o]
-    cdef real* f
-    cdef real* g
-    cdef real* o
-    cdef const real* c_prev
-    cdef real* c_new
-    cdef real* h_new
-    cdef real* tc
+    cdef int t, b
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(c, 3) == (T + 1, B, H) and _shape(tanh_c, 3) == (T, B, H),
              "c must be (T+1, B, H) and tanh_c (T, B, H)")
@@ -358,28 +379,8 @@ def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
             gemm(False, True, B, G, H, 1, &h[t, 0, 0], H, &W_hh[0, 0], H,
                  1, &gates[t, 0, 0], G)
             for b in range(B):
-                i = &gates[t, b, 0]
-                f = i + H
-                g = i + 2 * H
-                o = i + 3 * H
-                c_prev = &c[t, b, 0]
-                c_new = &c[t + 1, b, 0]
-                h_new = &h[t + 1, b, 0]
-                tc = &tanh_c[t, b, 0]
-                # One short loop per equation, each touching few arrays: gcc
-                # then vectorises every one (a single loop over all eight
-                # arrays needs too many run-time alias checks, and stays scalar).
-                for j in range(2 * H):    # i, f = sigmoid(.), in place
-                    i[j] = sigmoid(i[j])
-                for j in range(H):        # g = tanh(.)
-                    g[j] = tanh_(g[j])
-                for j in range(H):        # o = sigmoid(.)
-                    o[j] = sigmoid(o[j])
-                for j in range(H):        # c_t = f * c_{t-1} + i * g
-                    c_new[j] = f[j] * c_prev[j] + i[j] * g[j]
-                for j in range(H):        # h_t = o * tanh(c_t)
-                    tc[j] = tanh_(c_new[j])
-                    h_new[j] = o[j] * tc[j]
+                lstm_units(H, &gates[t, b, 0], &c[t, b, 0], &c[t + 1, b, 0],
+                           &tanh_c[t, b, 0], &h[t + 1, b, 0])
 
 
 def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
@@ -467,6 +468,26 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
 # sits inside the product with r.
 # ---------------------------------------------------------------------------
 
+cdef inline void gru_units(int H, real* gate, const real* hh, const real* h_prev,
+                           real* h) noexcept nogil:
+    """One stream, one step, after the products: gate (3H,) holds W_ih x + b_ih
+    as [r|z|n] and receives the activated gates; hh (3H,) holds W_hh h + b_hh;
+    writes h = h_t. h may be h_prev (the sampler updates in place). One short
+    loop per equation, so that gcc vectorises each (see lstm_units)."""
+    cdef int j
+    cdef real* r = gate
+    cdef real* z = gate + H
+    cdef real* n = gate + 2 * H
+    for j in range(H):
+        r[j] = sigmoid(r[j] + hh[j])
+    for j in range(H):
+        z[j] = sigmoid(z[j] + hh[H + j])
+    for j in range(H):            # b_hn sits inside the product with r
+        n[j] = tanh_(n[j] + r[j] * hh[2 * H + j])
+    for j in range(H):
+        h[j] = (1 - z[j]) * n[j] + z[j] * h_prev[j]
+
+
 def gru_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
                 const real[::1] b_hh, real[:, :, ::1] h, real[:, :, ::1] hn,
                 real[:, ::1] hh):
@@ -479,16 +500,7 @@ def gru_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     hh (B, 3H): scratch for W_hh h_{t-1} + b_hh.
     """
     cdef int T = gates.shape[0], B = gates.shape[1], H = h.shape[2], G = 3 * H
-    cdef int t, b, j
-    cdef real* r            # the gate rows of one stream: [r | z | n]
-    cdef real* z
-    cdef real* n
-    cdef const real* hr     # W_hh h + b_hh, split the same way
-    cdef const real* hz
-    cdef const real* hn_
-    cdef const real* h_prev
-    cdef real* h_new
-    cdef real* hn_row
+    cdef int t, b
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(b_hh.shape[0] == G and _shape(hn, 3) == (T, B, H)
              and _shape(hh, 2) == (B, G), "gru_forward: shape mismatch")
@@ -500,26 +512,9 @@ def gru_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
             gemm(False, True, B, G, H, 1, &h[t, 0, 0], H, &W_hh[0, 0], H,
                  1, &hh[0, 0], G)
             for b in range(B):
-                r = &gates[t, b, 0]
-                z = r + H
-                n = r + 2 * H
-                hr = &hh[b, 0]
-                hz = hr + H
-                hn_ = hr + 2 * H
-                h_prev = &h[t, b, 0]
-                h_new = &h[t + 1, b, 0]
-                hn_row = &hn[t, b, 0]
-                # One short loop per equation, so that gcc vectorises each
-                # (see lstm_forward). Input projections in, activated gates out.
-                for j in range(H):
-                    r[j] = sigmoid(r[j] + hr[j])
-                for j in range(H):
-                    z[j] = sigmoid(z[j] + hz[j])
-                for j in range(H):
-                    n[j] = tanh_(n[j] + r[j] * hn_[j])
-                memcpy(hn_row, hn_, H * sizeof(real))
-                for j in range(H):
-                    h_new[j] = (1 - z[j]) * n[j] + z[j] * h_prev[j]
+                gru_units(H, &gates[t, b, 0], &hh[b, 0], &h[t, b, 0], &h[t + 1, b, 0])
+                # kept for the backward pass: W_hn h_{t-1} + b_hn
+                memcpy(&hn[t, b, 0], &hh[b, 2 * H], H * sizeof(real))
 
 
 def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
@@ -889,7 +884,7 @@ cdef void _cell_step(int cell, int B, int H, real* gates, real* hh,
     W_hh (G, H), b_hh (G,): b_hh is read by the GRU only (the others have it folded).
     h, c (B, H): in, the previous state; out, the new one. Updating in place
         is safe: the GEMM has consumed h before, and unit j reads only h[j], c[j].
-    hh (B, 3H): GRU scratch for W_hh h + b_hh.
+    hh (B, G): scratch: W_hh h + b_hh for the GRU, tanh(c_t) for the LSTM.
     Same equations, in the same order, as rnn/lstm/gru_forward; one short
     loop per equation, as there, so that gcc vectorises each.
     """
@@ -909,50 +904,16 @@ cdef void _cell_step(int cell, int B, int H, real* gates, real* hh,
         gate = gates + <size_t>b * G
         hrow = h + <size_t>b * H
         if cell == CELL_LSTM:
-            _lstm_units(H, gate, c + <size_t>b * H, hrow)
+            # hh is free scratch for the LSTM: it takes tanh(c_t)
+            lstm_units(H, gate, c + <size_t>b * H, c + <size_t>b * H, hh + <size_t>b * H, hrow)
         elif cell == CELL_GRU:
-            _gru_units(H, gate, hh + <size_t>b * G, hrow)
+            gru_units(H, gate, hh + <size_t>b * G, hrow, hrow)
         elif cell == CELL_RNN_RELU:
             for j in range(H):
                 hrow[j] = gate[j] if gate[j] > 0 else 0
         else:
             for j in range(H):
                 hrow[j] = tanh_(gate[j])
-
-
-cdef inline void _lstm_units(int H, real* gate, real* c, real* h) noexcept nogil:
-    """One stream: gate [i|f|g|o] pre-activations in, activated out; c, h updated."""
-    cdef int j
-    cdef real* i = gate
-    cdef real* f = gate + H
-    cdef real* g = gate + 2 * H
-    cdef real* o = gate + 3 * H
-    for j in range(2 * H):        # i, f = sigmoid(.)
-        i[j] = sigmoid(i[j])
-    for j in range(H):            # g = tanh(.)
-        g[j] = tanh_(g[j])
-    for j in range(H):            # o = sigmoid(.)
-        o[j] = sigmoid(o[j])
-    for j in range(H):            # c_t = f * c_{t-1} + i * g
-        c[j] = f[j] * c[j] + i[j] * g[j]
-    for j in range(H):            # h_t = o * tanh(c_t)
-        h[j] = o[j] * tanh_(c[j])
-
-
-cdef inline void _gru_units(int H, real* gate, const real* hh, real* h) noexcept nogil:
-    """One stream: gate [r|z|n] holds W_ih x + b_ih, hh holds W_hh h + b_hh; h updated."""
-    cdef int j
-    cdef real* r = gate
-    cdef real* z = gate + H
-    cdef real* n = gate + 2 * H
-    for j in range(H):
-        r[j] = sigmoid(r[j] + hh[j])
-    for j in range(H):
-        z[j] = sigmoid(z[j] + hh[H + j])
-    for j in range(H):            # b_hn sits inside the product with r
-        n[j] = tanh_(n[j] + r[j] * hh[2 * H + j])
-    for j in range(H):
-        h[j] = (1 - z[j]) * n[j] + z[j] * h[j]
 
 
 cdef const real** _layer_pointers(tuple arrays, int count, int rows, int cols,
