@@ -309,7 +309,7 @@ def info(model, as_json):
         f"parameters:  {lm.model.num_parameters:,}",
         f"vocabulary:  {lm.vocab.size} characters: {_shown(lm.vocab.chars)}",
         f"trained:     {_count(details['steps'])} steps, {_count(details['chars_seen'])} characters seen",
-        f"best val:    " + (f"{best:.4f} bits per character at step {details['best_step']}"
+        "best val:    " + (f"{best:.4f} bits per character at step {details['best_step']}"
                             if isinstance(best, (int, float)) else "n/a"),
     ]
     corpus = details["corpus"]
