@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from charlm import evaluate  # noqa: E402
 from charlm.model import Config, Model  # noqa: E402
 from charlm.vocab import Vocabulary  # noqa: E402
+from torch_twin import torch_twin  # noqa: E402
 
 
 def load_ids(chars):
@@ -43,15 +44,8 @@ def load_ids(chars):
 def torch_scorer(model):
     import torch
     c = model.config
-    rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[c.cell](
-        c.vocab_size, c.hidden, c.layers)
-    decoder = torch.nn.Linear(c.hidden, c.vocab_size)
-    state = model.torch_state_dict()
-    with torch.no_grad():
-        for name, p in rnn.named_parameters():
-            p.copy_(torch.from_numpy(state["rnn." + name]))
-        decoder.weight.copy_(torch.from_numpy(state["decoder.weight"]))
-        decoder.bias.copy_(torch.from_numpy(state["decoder.bias"]))
+    twin = torch_twin(model, torch)
+    rnn, decoder = twin["rnn"], twin["decoder"]
 
     def score(ids):
         total, hidden = 0.0, None

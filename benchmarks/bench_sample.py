@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from charlm.model import Config, Model  # noqa: E402
 from charlm.sampling import generate_ids, generate_ids_reference  # noqa: E402
+from torch_twin import torch_twin  # noqa: E402
 
 VOCAB = 65
 
@@ -45,15 +46,8 @@ def charlm_runner(model, generator):
 def torch_runner(model):
     import torch
     c = model.config
-    module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[c.cell](
-        c.vocab_size, c.hidden, c.layers)
-    decoder = torch.nn.Linear(c.hidden, c.vocab_size)
-    state = model.torch_state_dict()
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.copy_(torch.from_numpy(state["rnn." + name]))
-        decoder.weight.copy_(torch.from_numpy(state["decoder.weight"]))
-        decoder.bias.copy_(torch.from_numpy(state["decoder.bias"]))
+    twin = torch_twin(model, torch)
+    module, decoder = twin["rnn"], twin["decoder"]
 
     def run(length):
         generator = torch.Generator().manual_seed(0)

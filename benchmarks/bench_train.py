@@ -51,6 +51,7 @@ import scipy.linalg.blas        # noqa: E402
 import charlm                   # noqa: E402
 from charlm.errors import UsageError   # noqa: E402
 from charlm.model import Config, Model  # noqa: E402
+from torch_twin import torch_twin  # noqa: E402
 
 CLIP_NORM = 5.0
 LEARNING_RATE = 2e-3
@@ -204,18 +205,12 @@ class CharlmTrainer:
 # ---------------------------------------------------------------------------
 
 class TorchTrainer:
-    def __init__(self, torch, cfg, vocab_size, dtype, chunks, initial_weights):
+    def __init__(self, torch, cfg, vocab_size, dtype, chunks, charlm_model):
         self.units_per_step = cfg.seq * cfg.batch
         self.torch, self.V = torch, vocab_size
         tdtype = getattr(torch, dtype)
         H, L = cfg.hidden, cfg.layers
-        rnn = {"lstm": lambda: torch.nn.LSTM(vocab_size, H, L),
-               "gru": lambda: torch.nn.GRU(vocab_size, H, L),
-               "rnn": lambda: torch.nn.RNN(vocab_size, H, L, nonlinearity="tanh")}[cfg.cell]()
-        self.module = torch.nn.ModuleDict(
-            {"rnn": rnn, "decoder": torch.nn.Linear(H, vocab_size)}).to(tdtype)
-        self.module.load_state_dict(
-            {k: torch.from_numpy(v) for k, v in initial_weights.items()}, strict=True)
+        self.module = torch_twin(charlm_model, torch, tdtype)   # the same initial weights
         self.params = list(self.module.parameters())
         self.optimiser = torch.optim.Adam(self.params, lr=LEARNING_RATE)
         eye = torch.eye(vocab_size, dtype=tdtype)
@@ -324,8 +319,7 @@ def bench_config(cfg, ids, vocab_size, dtype, timing, torch, optimiser_api, log)
     rng = np.random.default_rng(1)
     contenders = {"charlm": ours}
     if torch is not None:
-        contenders["torch"] = TorchTrainer(torch, cfg, vocab_size, dtype, chunks,
-                                           ours.model.torch_state_dict())
+        contenders["torch"] = TorchTrainer(torch, cfg, vocab_size, dtype, chunks, ours.model)
     # Both start from the same weights, so their first losses must agree.
     first_loss = {name: float(trainer.step()) for name, trainer in contenders.items()}
     contenders["gemm_step"] = GemmProbe(cfg.batch, cfg.hidden, G, dtype, rng)
