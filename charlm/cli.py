@@ -196,7 +196,8 @@ def sample(model, length, temperature, prime, prime_file, seed, top_k, top_p, ar
     if prime_file is not None:
         if prime is not None:
             raise click.BadParameter("give --prime or --prime-file, not both")
-        prime = "".join(_read_prime(prime_file))
+        from .data import read_text
+        prime = "".join(read_text(prime_file))
     _limit_threads(threads)
     lm = load(model)
     options = dict(temperature=temperature, prime=prime, seed=seed, top_k=top_k, top_p=top_p,
@@ -211,11 +212,6 @@ def sample(model, length, temperature, prime, prime_file, seed, top_k, top_p, ar
     for text in characters:
         _emit(text)
     _emit("\n")
-
-
-def _read_prime(path):
-    from .data import read_text
-    return read_text(path)
 
 
 def _emit(text):

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import checkpoint, evaluate
 from .errors import UsageError
-from .sampling import check_decoding, generate_ids
+from .sampling import check_decoding, default_prime_ids, generate_ids
 
 
 def load(path):
@@ -109,7 +109,7 @@ class LanguageModel:
 
     def _prime_ids(self, prime):
         if prime is None or prime == "":
-            return self.vocab.encode("\n") if "\n" in self.vocab.chars else np.zeros(1, np.int32)
+            return default_prime_ids(self.vocab)
         return self.vocab.encode(prime)
 
     def __repr__(self):

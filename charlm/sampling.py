@@ -35,6 +35,14 @@ from .model import State
 MAX_BLOCK = 64
 
 
+def default_prime_ids(vocab):
+    """What sampling starts from when no prime is given: a newline when the
+    vocabulary has one (text then starts as at the start of a line), else id 0."""
+    if "\n" in vocab.chars:
+        return vocab.encode("\n")
+    return np.zeros(1, np.int32)
+
+
 def check_decoding(temperature=1.0, top_k=None, top_p=None):
     """UsageError unless the decoding options are in range."""
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)

@@ -33,16 +33,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import checkpoint, evaluate
+from .evaluate import LOG2_E
 from .data import BatchStream, prepare_corpus
 from .errors import CharlmError, DataError, ModelFileError, UsageError
 from .model import CELLS, DTYPES, Config, Model, State
 from .optim import OPTIMIZERS, SCHEDULES, Schedule, clip_by_global_norm, clip_by_value, \
     global_norm, make_optimizer
-from .sampling import generate_ids
+from .sampling import default_prime_ids, generate_ids
 
 # Consecutive non-finite steps tolerated (each skipped) before giving up.
 MAX_NONFINITE_STREAK = 10
-LOG2_E = 1 / math.log(2)
 
 
 class TrainingDiverged(CharlmError):
@@ -193,6 +193,7 @@ class Trainer:
                  echo=print, progress_bar=True, force=False):
         self.echo = echo
         self.progress_bar = progress_bar
+        self._nonfinite_streak = 0      # skipped steps in a row
         self.paths = output_paths(os.fspath(out))
         loaded = None
         if resume is not None:
@@ -325,7 +326,7 @@ class Trainer:
         state restarts from zero, and a long streak stops the run."""
         self.progress.skipped_nonfinite += 1
         self.state = self.model.zero_state(self.options.batch_size)
-        self._nonfinite_streak = getattr(self, "_nonfinite_streak", 0) + 1
+        self._nonfinite_streak += 1
         if self._nonfinite_streak >= MAX_NONFINITE_STREAK:
             raise TrainingDiverged(
                 f"the loss ({loss}) or gradient norm ({norm}) was non-finite for "
@@ -407,7 +408,7 @@ class Trainer:
 
     def _print_sample(self, bar):
         vocab = self.corpus.vocab
-        prime = vocab.encode("\n") if "\n" in vocab.chars else np.zeros(1, np.int32)
+        prime = default_prime_ids(vocab)
         # Its own generator, so samples never change the training's random stream.
         rng = np.random.default_rng([self.options.seed, self.progress.step])
         ids = [int(i[0]) for i in generate_ids(self.model, prime, self.options.sample_length,
