@@ -11,20 +11,13 @@ from click.testing import CliRunner
 
 import charlm
 from charlm.cli import main
-from charlm.train import Trainer, TrainOptions
 
 TEXT = "Ça va? naïve façade, 日本.\nROMEO: to be or not to be.\n" * 80
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample")
-    corpus = root / "corpus.txt"
-    corpus.write_text(TEXT, encoding="utf-8")
-    out = root / "m.safetensors"
-    options = TrainOptions(hidden=24, batch_size=4, seq_length=16, eval_every=20, max_steps=20,
-                           sample_every=0, lr=1e-2)
-    Trainer(corpus, out, options, echo=lambda *a: None, progress_bar=False).run()
+def model_path(train_tiny):
+    _, out, _ = train_tiny(TEXT, eval_every=20, max_steps=20)
     return out
 
 

@@ -10,21 +10,14 @@ from click.testing import CliRunner
 import charlm
 from charlm import evaluate
 from charlm.cli import main
-from charlm.train import Trainer, TrainOptions, output_paths
+from charlm.train import output_paths
 
 TEXT = "the cat sat on the mat; the dog sat on the log.\n" * 120
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    corpus = root / "corpus.txt"
-    corpus.write_text(TEXT, encoding="utf-8")
-    out = root / "m.safetensors"
-    options = TrainOptions(cell="lstm", hidden=24, batch_size=4, seq_length=16, eval_every=15, max_steps=30,
-                           sample_every=0, lr=1e-2)
-    trainer = Trainer(corpus, out, options, echo=lambda *a: None, progress_bar=False)
-    trainer.run()
+def trained(train_tiny):
+    root, out, trainer = train_tiny(TEXT, cell="lstm", eval_every=15, max_steps=30)
     val_text = trainer.corpus.vocab.decode(trainer.corpus.val_ids)
     return root, out, trainer, val_text
 
