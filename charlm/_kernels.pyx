@@ -26,6 +26,11 @@ from libc.math cimport exp, expf, tanh, tanhf, log, logf
 from libc.string cimport memset, memcpy
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
+# A target id meaning "no loss at this position" (as PyTorch's ignore_index).
+cdef enum:
+    IGNORE = -1
+IGNORE_TARGET = IGNORE     # the same, for Python
+
 ctypedef fused real:
     float
     double
@@ -327,14 +332,20 @@ def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
 #   i, f, o = sigmoid(.), g = tanh(.)
 #   c_t = f * c_{t-1} + i * g
 #   h_t = o * tanh(c_t)
+# The peephole LSTM (Gers & Schmidhuber) lets the gates see the cell state
+# through per-unit weights peep = [w_ci | w_cf | w_co], (3, H):
+#   i = sigmoid(. + w_ci * c_{t-1}),  f = sigmoid(. + w_cf * c_{t-1})
+#   o = sigmoid(. + w_co * c_t)
+# Both share these kernels; peep is None (NULL) for the plain LSTM.
 # ---------------------------------------------------------------------------
 
 cdef inline void lstm_units(int H, real* gate, const real* c_prev, real* c,
-                            real* tanh_c, real* h) noexcept nogil:
+                            real* tanh_c, real* h, const real* peep) noexcept nogil:
     """One stream, one step, after the products: gate (4H,) holds the
     pre-activations [i|f|g|o] and receives the activated gates; writes
     c = c_t, tanh_c = tanh(c_t) and h = h_t. c may be c_prev (the sampler
     updates its state in place); tanh_c and h must not overlap anything else.
+    peep (3H,) or NULL: the peephole weights [w_ci|w_cf|w_co].
 
     One short loop per equation, each touching few arrays: gcc then
     vectorises every one (a single loop over all the arrays needs too many
@@ -345,21 +356,38 @@ cdef inline void lstm_units(int H, real* gate, const real* c_prev, real* c,
     cdef real* f = gate + H
     cdef real* g = gate + 2 * H
     cdef real* o = gate + 3 * H
+    if peep != NULL:
+        for j in range(H):        # i sees c_{t-1}
+            i[j] += peep[j] * c_prev[j]
+        for j in range(H):        # f sees c_{t-1}
+            f[j] += peep[H + j] * c_prev[j]
     for j in range(2 * H):        # i, f = sigmoid(.), in place
         i[j] = sigmoid(i[j])
     for j in range(H):            # g = tanh(.)
         g[j] = tanh_(g[j])
-    for j in range(H):            # o = sigmoid(.)
-        o[j] = sigmoid(o[j])
     for j in range(H):            # c_t = f * c_{t-1} + i * g
         c[j] = f[j] * c_prev[j] + i[j] * g[j]
+    if peep != NULL:
+        for j in range(H):        # o sees c_t
+            o[j] += peep[2 * H + j] * c[j]
+    for j in range(H):            # o = sigmoid(.)
+        o[j] = sigmoid(o[j])
     for j in range(H):            # h_t = o * tanh(c_t)
         tanh_c[j] = tanh_(c[j])
         h[j] = o[j] * tanh_c[j]
 
 
+cdef inline const real* _peep_pointer(const real[:, ::1] peep, int H) except? NULL:
+    """NULL for the plain LSTM (peep None), else the checked (3, H) weights."""
+    if peep is None:
+        return NULL
+    _require(_shape(peep, 2) == (3, H), f"peephole weights must be (3, {H})")
+    return &peep[0, 0]
+
+
 def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
-                 real[:, :, ::1] h, real[:, :, ::1] c, real[:, :, ::1] tanh_c):
+                 real[:, :, ::1] h, real[:, :, ::1] c, real[:, :, ::1] tanh_c,
+                 const real[:, ::1] peep=None):
     """Run the recurrence over the chunk.
 
     gates (T, B, 4H): in, the input projection with both biases; out, the
@@ -367,12 +395,15 @@ def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     W_hh (4H, H).
     h, c (T+1, B, H): index 0 is the initial state (set by the caller).
     tanh_c (T, B, H) written: tanh(c_t), kept for the backward pass.
+    peep (3, H) or None: the peephole weights [w_ci|w_cf|w_co].
     """
     cdef int T = gates.shape[0], B = gates.shape[1], H = h.shape[2], G = 4 * H
     cdef int t, b
+    cdef const real* w_peep
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(c, 3) == (T + 1, B, H) and _shape(tanh_c, 3) == (T, B, H),
              "c must be (T+1, B, H) and tanh_c (T, B, H)")
+    w_peep = _peep_pointer(peep, H)
     with nogil:
         for t in range(T):
             # gates[t] += h[t] @ W_hh.T            (B,4H) += (B,H) @ (H,4H)
@@ -380,14 +411,15 @@ def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
                  1, &gates[t, 0, 0], G)
             for b in range(B):
                 lstm_units(H, &gates[t, b, 0], &c[t, b, 0], &c[t + 1, b, 0],
-                           &tanh_c[t, b, 0], &h[t + 1, b, 0])
+                           &tanh_c[t, b, 0], &h[t + 1, b, 0], w_peep)
 
 
 def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
                   const real[:, :, ::1] h, const real[:, :, ::1] c,
                   const real[:, :, ::1] tanh_c, const real[:, :, ::1] dh_out,
                   real[:, ::1] dh_carry, real[:, ::1] dc_carry,
-                  real[:, :, ::1] dgates, real[:, ::1] dW_hh):
+                  real[:, :, ::1] dgates, real[:, ::1] dW_hh,
+                  const real[:, ::1] peep=None, real[:, ::1] dpeep=None):
     """Truncated BPTT through the chunk.
 
     gates (T, B, 4H) activated, h, c (T+1, B, H), tanh_c (T, B, H): from
@@ -397,6 +429,8 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
         out, dL/dh_0 and dL/dc_0.
     dgates (T, B, 4H) written: dL/d(pre-activation) of [i|f|g|o].
     dW_hh (4H, H) overwritten.
+    peep (3, H), dpeep (3, H) overwritten: the peephole LSTM; both None
+        for the plain one.
     """
     cdef int T = dh_out.shape[0], B = dh_out.shape[1], H = dh_out.shape[2], G = 4 * H
     cdef int t, b, j
@@ -409,15 +443,32 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
     cdef real* dg
     cdef real* do
     cdef const real* c_prev
+    cdef const real* c_t
     cdef const real* up
     cdef const real* tcs
     cdef real* dh_c
     cdef real* dc_c
+    cdef const real* w_ci = NULL   # peephole weights and their gradients
+    cdef const real* w_cf = NULL
+    cdef const real* w_co = NULL
+    cdef real* dw_ci = NULL
+    cdef real* dw_cf = NULL
+    cdef real* dw_co = NULL
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(c, 3) == (T + 1, B, H) and _shape(tanh_c, 3) == (T, B, H)
              and _shape(dgates, 3) == (T, B, G)
              and _shape(dh_carry, 2) == (B, H) and _shape(dc_carry, 2) == (B, H),
              "lstm_backward: shape mismatch")
+    _require((peep is None) == (dpeep is None), "lstm_backward: pass peep and dpeep together")
+    if peep is not None:
+        w_ci = _peep_pointer(peep, H)
+        w_cf = w_ci + H
+        w_co = w_ci + 2 * H
+        _require(_shape(dpeep, 2) == (3, H), f"dpeep must be (3, {H})")
+        dw_ci = &dpeep[0, 0]
+        dw_cf = dw_ci + H
+        dw_co = dw_ci + 2 * H
+        memset(dw_ci, 0, 3 * H * sizeof(real))
     with nogil:
         for t in range(T - 1, -1, -1):
             for b in range(B):
@@ -430,27 +481,40 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
                 dg = di + 2 * H
                 do = di + 3 * H
                 c_prev = &c[t, b, 0]
+                c_t = &c[t + 1, b, 0]
                 tcs = &tanh_c[t, b, 0]
                 up = &dh_out[t, b, 0]
                 dh_c = &dh_carry[b, 0]
                 dc_c = &dc_carry[b, 0]
                 # One equation per loop, so that gcc vectorises each (see
-                # lstm_forward). dh_c and dc_c become dL/dh_t and dL/dc_t here,
+                # lstm_units). dh_c and dc_c become dL/dh_t and dL/dc_t here,
                 # then dL/dc_{t-1}; dh_carry is overwritten by the GEMM below.
                 for j in range(H):        # dh = from above + from step t+1
                     dh_c[j] += up[j]
-                for j in range(H):        # dc = carried + through h_t = o * tanh(c_t)
-                    dc_c[j] += dh_c[j] * o[j] * (1 - tcs[j] * tcs[j])
-                for j in range(H):        # d pre_o
+                for j in range(H):        # d pre_o, from h_t = o * tanh(c_t)
                     do[j] = dh_c[j] * tcs[j] * o[j] * (1 - o[j])
+                for j in range(H):        # dc = carried + through h_t
+                    dc_c[j] += dh_c[j] * o[j] * (1 - tcs[j] * tcs[j])
+                if w_co != NULL:
+                    for j in range(H):    # + through the peephole into o
+                        dc_c[j] += do[j] * w_co[j]
                 for j in range(H):        # d pre_i
                     di[j] = dc_c[j] * g[j] * i[j] * (1 - i[j])
                 for j in range(H):        # d pre_f
                     df[j] = dc_c[j] * c_prev[j] * f[j] * (1 - f[j])
                 for j in range(H):        # d pre_g
                     dg[j] = dc_c[j] * i[j] * (1 - g[j] * g[j])
-                for j in range(H):        # dL/dc_{t-1}
+                for j in range(H):        # dL/dc_{t-1}, through c_t = f * c_{t-1} + ...
                     dc_c[j] *= f[j]
+                if w_ci != NULL:
+                    for j in range(H):    # ... and through the peepholes into i, f
+                        dc_c[j] += di[j] * w_ci[j] + df[j] * w_cf[j]
+                    for j in range(H):    # the peephole weights' own gradients
+                        dw_ci[j] += di[j] * c_prev[j]
+                    for j in range(H):
+                        dw_cf[j] += df[j] * c_prev[j]
+                    for j in range(H):
+                        dw_co[j] += do[j] * c_t[j]
             # dh_carry = dgates[t] @ W_hh          (B,H) = (B,4H) @ (4H,H)
             gemm(False, False, B, H, G, 1, &dgates[t, 0, 0], G, &W_hh[0, 0], H,
                  0, &dh_carry[0, 0], H)
@@ -617,31 +681,41 @@ def output_backward(const real[:, ::1] h_top, const real[:, ::1] W_out,
 def softmax_cross_entropy(real[:, ::1] logits, const int[::1] targets):
     """Fused, numerically stable softmax, loss and gradient in one pass per row.
 
-    logits (N, V): in, the logits; out, dL/dlogits for L = the mean loss,
-        i.e. (softmax - one_hot(target)) / N.
-    targets (N,) int32 in [0, V).
-    Returns the mean loss in nats (a Python float, accumulated in double).
+    logits (N, V): in, the logits; out, dL/dlogits for L = the mean loss over
+        the scored rows, i.e. (softmax - one_hot(target)) / n_scored, and 0 in
+        the rows whose target is IGNORE (-1).
+    targets (N,) int32 in [0, V), or -1: no loss at this position.
+    Returns the mean loss in nats over the scored rows (a Python float,
+    accumulated in double); 0 when no row is scored.
     """
     cdef int N = logits.shape[0], V = logits.shape[1]
-    cdef int r, k, bad = -1
+    cdef int r, k, y, scored = 0, bad = -1
     cdef real m, scale
     cdef double total = 0, z
     cdef real* row
     _require(targets.shape[0] == N and N >= 1 and V >= 1,
              "softmax_cross_entropy: shape mismatch")
-    scale = 1 / <real>N
     with nogil:
         for r in range(N):
-            if targets[r] < 0 or targets[r] >= V:
+            if targets[r] < IGNORE or targets[r] >= V:
                 bad = r
-                break
+            scored += targets[r] != IGNORE
+    _require(bad < 0, "softmax_cross_entropy: target out of range")
+    scale = 1 / <real>max(scored, 1)
+    with nogil:
+        for r in range(N):
             row = &logits[r, 0]
+            y = targets[r]
+            if y == IGNORE:
+                for k in range(V):
+                    row[k] = 0
+                continue
             m = row[0]
             for k in range(1, V):
                 if row[k] > m:
                     m = row[k]
-            # loss_r = log sum_k exp(logit_k - m) - (logit_target - m)
-            total -= row[targets[r]] - m
+            # loss_r = log sum_k exp(logit_k - m) - (logit_y - m)
+            total -= row[y] - m
             z = 0
             for k in range(V):
                 row[k] = exp_(row[k] - m)
@@ -649,14 +723,14 @@ def softmax_cross_entropy(real[:, ::1] logits, const int[::1] targets):
             total += log(z)
             for k in range(V):
                 row[k] = <real>(row[k] / z) * scale
-            row[targets[r]] -= scale
-    _require(bad < 0, "softmax_cross_entropy: target out of range")
-    return total / N
+            row[y] -= scale
+    return total / max(scored, 1)
 
 
 def target_log_probs(const real[:, ::1] logits, const int[::1] targets,
                      double[::1] log_probs):
-    """log_probs[r] = log softmax(logits[r])[targets[r]], in nats, stable.
+    """log_probs[r] = log softmax(logits[r])[targets[r]], in nats, stable;
+    0 where targets[r] is IGNORE (-1).
 
     logits (N, V) unchanged; targets (N,); log_probs (N,) written.
     """
@@ -668,9 +742,12 @@ def target_log_probs(const real[:, ::1] logits, const int[::1] targets,
              "target_log_probs: shape mismatch")
     with nogil:
         for r in range(N):
-            if targets[r] < 0 or targets[r] >= V:
+            if targets[r] < IGNORE or targets[r] >= V:
                 bad = r
                 break
+            if targets[r] == IGNORE:
+                log_probs[r] = 0
+                continue
             row = &logits[r, 0]
             m = row[0]
             for k in range(1, V):
@@ -707,10 +784,12 @@ cdef enum:
     CELL_RNN_RELU = 1
     CELL_LSTM = 2
     CELL_GRU = 3
+    CELL_LSTM_PEEPHOLE = 4
 
 # cell name -> (code, gate rows per hidden unit)
 _SAMPLING_CELLS = {"rnn": (CELL_RNN_TANH, 1), "rnn-relu": (CELL_RNN_RELU, 1),
-                   "lstm": (CELL_LSTM, 4), "gru": (CELL_GRU, 3)}
+                   "lstm": (CELL_LSTM, 4), "gru": (CELL_GRU, 3),
+                   "lstm-peephole": (CELL_LSTM_PEEPHOLE, 4)}
 
 # Top-p first sorts this many of the heaviest ids; if their mass falls short
 # of p it selects four times as many, and so on. A peaked distribution (the
@@ -876,7 +955,8 @@ cdef int _pick(const real* logits, int V, double temperature, int top_k, double 
 
 
 cdef void _cell_step(int cell, int B, int H, real* gates, real* hh,
-                     const real* W_hh, const real* b_hh, real* h, real* c) noexcept nogil:
+                     const real* W_hh, const real* b_hh, real* h, real* c,
+                     const real* peep) noexcept nogil:
     """Advance one layer by one step, in place, for B streams.
 
     gates (B, G): in, the input projection (with both biases folded in; for
@@ -885,10 +965,12 @@ cdef void _cell_step(int cell, int B, int H, real* gates, real* hh,
     h, c (B, H): in, the previous state; out, the new one. Updating in place
         is safe: the GEMM has consumed h before, and unit j reads only h[j], c[j].
     hh (B, G): scratch: W_hh h + b_hh for the GRU, tanh(c_t) for the LSTM.
+    peep (3H,): the peephole LSTM's weights; NULL for every other cell.
     Same equations, in the same order, as rnn/lstm/gru_forward; one short
     loop per equation, as there, so that gcc vectorises each.
     """
-    cdef int G = H * (4 if cell == CELL_LSTM else 3 if cell == CELL_GRU else 1)
+    cdef bint lstm = cell == CELL_LSTM or cell == CELL_LSTM_PEEPHOLE
+    cdef int G = H * (4 if lstm else 3 if cell == CELL_GRU else 1)
     cdef int b, j
     cdef real* gate
     cdef real* hrow
@@ -903,9 +985,10 @@ cdef void _cell_step(int cell, int B, int H, real* gates, real* hh,
     for b in range(B):
         gate = gates + <size_t>b * G
         hrow = h + <size_t>b * H
-        if cell == CELL_LSTM:
+        if lstm:
             # hh is free scratch for the LSTM: it takes tanh(c_t)
-            lstm_units(H, gate, c + <size_t>b * H, c + <size_t>b * H, hh + <size_t>b * H, hrow)
+            lstm_units(H, gate, c + <size_t>b * H, c + <size_t>b * H, hh + <size_t>b * H, hrow,
+                       peep)
         elif cell == CELL_GRU:
             gru_units(H, gate, hh + <size_t>b * G, hrow, hrow)
         elif cell == CELL_RNN_RELU:
@@ -953,7 +1036,7 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
                  real[:, :, ::1] h, real[:, :, ::1] c, const int[::1] prev_ids,
                  const double[:, ::1] uniforms, int[:, ::1] ids,
                  double temperature=1.0, int top_k=0, double top_p=1.0,
-                 bint argmax=False, double[:, :, ::1] probs=None):
+                 bint argmax=False, double[:, :, ::1] probs=None, tuple peep=None):
     """Draw `steps` ids for each of B streams, one fused step per character.
 
     Step s feeds ids[s-1] (prev_ids for s = 0) through the model and draws
@@ -975,6 +1058,7 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
         argmax: take the most likely id (first of equals).
     probs (steps, B, V) float64, optional: receives each step's final
         (filtered, normalised) distribution; one-hot with argmax. For tests.
+    peep: for "lstm-peephole", L arrays (3, H), the peephole weights.
     """
     cdef int L = h.shape[0], B = h.shape[1], H = h.shape[2], V = W_out.shape[0]
     cdef int steps = ids.shape[0], code, G, s, b, j, k, bad = -1
@@ -983,6 +1067,8 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
     cdef const real** W_hh_p = NULL
     cdef const real** bias_p = NULL
     cdef const real** b_hh_p = NULL
+    cdef const real** peep_p = NULL
+    cdef bint lstm
     cdef real* gates = NULL
     cdef real* hh = NULL
     cdef real* logits = NULL
@@ -998,11 +1084,12 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
     _require(cell in _SAMPLING_CELLS, f"sample_steps: unknown cell {cell!r}")
     code, per_unit = _SAMPLING_CELLS[cell]
     G = per_unit * H
+    lstm = code == CELL_LSTM or code == CELL_LSTM_PEEPHOLE
     _require(L >= 1 and B >= 1 and H >= 1 and V >= 1, "sample_steps: empty model or batch")
     _require(_shape(W_ihT, 2) == (V, G), f"sample_steps: W_ihT must be ({V}, {G})")
     _require(_shape(W_out, 2) == (V, H) and b_out.shape[0] == V,
              f"sample_steps: W_out must be ({V}, {H}) and b_out ({V},)")
-    _require(code != CELL_LSTM or _shape(c, 3) == (L, B, H), "sample_steps: c must be (L, B, H)")
+    _require(not lstm or _shape(c, 3) == (L, B, H), "sample_steps: c must be (L, B, H)")
     _require(prev_ids.shape[0] == B, "sample_steps: prev_ids must be (B,)")
     _require(_shape(uniforms, 2) == (steps, B) and ids.shape[1] == B,
              "sample_steps: uniforms and ids must be (steps, B)")
@@ -1016,7 +1103,7 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
     _require(bad < 0, "sample_steps: prev id out of range")
     if steps == 0:
         return
-    if code == CELL_LSTM:
+    if lstm:
         c_base = &c[0, 0, 0]
     if probs is not None:
         probs_base = &probs[0, 0, 0]
@@ -1025,6 +1112,8 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
         W_hh_p = _layer_pointers(W_hh, L, G, H, "W_hh", keep, &W_ihT[0, 0])
         bias_p = _layer_pointers(bias, L, G, 0, "bias", keep, &W_ihT[0, 0])
         b_hh_p = _layer_pointers(b_hh, L, G, 0, "b_hh", keep, &W_ihT[0, 0])
+        if code == CELL_LSTM_PEEPHOLE:
+            peep_p = _layer_pointers(peep or (), L, 3, H, "peep", keep, &W_ihT[0, 0])
         # All scratch, once per call: nothing is allocated per character.
         gates = <real*>malloc(<size_t>B * G * sizeof(real))
         hh = <real*>malloc(<size_t>B * G * sizeof(real))
@@ -1043,7 +1132,8 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
                     g = gates + <size_t>b * G
                     for j in range(G):
                         g[j] = row[j] + b0[j]
-                _cell_step(code, B, H, gates, hh, W_hh_p[0], b_hh_p[0], &h[0, 0, 0], c_base)
+                _cell_step(code, B, H, gates, hh, W_hh_p[0], b_hh_p[0], &h[0, 0, 0], c_base,
+                           peep_p[0] if peep_p != NULL else NULL)
                 for k in range(1, L):
                     for b in range(B):
                         memcpy(gates + <size_t>b * G, bias_p[k], G * sizeof(real))
@@ -1051,7 +1141,8 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
                     gemm(False, True, B, G, H, 1, &h[k - 1, 0, 0], H, W_ih_p[k - 1], H,
                          1, gates, G)
                     _cell_step(code, B, H, gates, hh, W_hh_p[k], b_hh_p[k], &h[k, 0, 0],
-                               c_base + <size_t>k * B * H if c_base != NULL else NULL)
+                               c_base + <size_t>k * B * H if c_base != NULL else NULL,
+                               peep_p[k] if peep_p != NULL else NULL)
                 # logits = h_top @ W_out.T + b_out  (B,V) += (B,H) @ (H,V)
                 for b in range(B):
                     memcpy(logits + <size_t>b * V, &b_out[0], V * sizeof(real))
@@ -1067,6 +1158,7 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
         free(W_hh_p)
         free(bias_p)
         free(b_hh_p)
+        free(peep_p)
         free(gates)
         free(hh)
         free(logits)

@@ -17,12 +17,15 @@ import numpy as np
 from . import _kernels as K
 from .errors import UsageError
 
-CELLS = ("lstm", "gru", "rnn", "rnn-relu")
-GATES_PER_UNIT = {"lstm": 4, "gru": 3, "rnn": 1, "rnn-relu": 1}
+CELLS = ("lstm", "gru", "rnn", "rnn-relu", "lstm-peephole")
+GATES_PER_UNIT = {"lstm": 4, "gru": 3, "rnn": 1, "rnn-relu": 1, "lstm-peephole": 4}
+LSTM_CELLS = ("lstm", "lstm-peephole")     # the cells with a cell state c
+TORCH_CELLS = ("lstm", "gru", "rnn", "rnn-relu")   # those with a torch.nn twin
 DTYPES = {"float32": np.float32, "float64": np.float64}
 MAX_HIDDEN = 16384
 MAX_LAYERS = 64
 MAX_WORKSPACES = 3   # training, validation and sampling shapes
+IGNORE = K.IGNORE_TARGET   # a target id that means "no loss at this position"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,11 @@ class Config:
     def gates(self):
         """Rows of gate pre-activations per layer: G = gates_per_unit * hidden."""
         return GATES_PER_UNIT[self.cell] * self.hidden
+
+    @property
+    def has_cell_state(self):
+        """True for the LSTMs, whose state is (h, c); the others carry h only."""
+        return self.cell in LSTM_CELLS
 
     @property
     def np_dtype(self):
@@ -84,6 +92,8 @@ def parameter_shapes(config):
         shapes[f"weight_hh_l{layer}"] = (G, H)
         shapes[f"bias_ih_l{layer}"] = (G,)
         shapes[f"bias_hh_l{layer}"] = (G,)
+        if config.cell == "lstm-peephole":
+            shapes[f"weight_peep_l{layer}"] = (3, H)     # [w_ci | w_cf | w_co]
     shapes["out.weight"] = (V, H)
     shapes["out.bias"] = (V,)
     return shapes
@@ -100,14 +110,16 @@ def init_parameters(config, seed=0):
     so at the start repeated multiplication through time neither shrinks nor
     blows up the gradient (the vanishing/exploding-gradient story, avoided at
     step 0). The forget bias of 1 starts the LSTM remembering, which helps
-    gradients flow early on (Jozefowicz et al., 2015).
+    gradients flow early on (Jozefowicz et al., 2015). Peephole weights start
+    at 0: the peephole LSTM starts as the plain one and learns how much to
+    look at its cell state.
     """
     rng = np.random.default_rng(seed)
     dtype = config.np_dtype
     H = config.hidden
     params = {}
     for name, shape in parameter_shapes(config).items():
-        if len(shape) == 1:
+        if len(shape) == 1 or name.startswith("weight_peep"):
             params[name] = np.zeros(shape, dtype)
         elif name.startswith("weight_hh"):
             blocks = [_orthogonal(rng, H) for _ in range(shape[0] // H)]
@@ -117,7 +129,7 @@ def init_parameters(config, seed=0):
             block_rows = H if name.startswith("weight_") else rows
             limit = np.sqrt(6.0 / (block_rows + cols))
             params[name] = rng.uniform(-limit, limit, shape).astype(dtype)
-    if config.cell == "lstm":
+    if config.has_cell_state:
         for layer in range(config.layers):
             params[f"bias_ih_l{layer}"][H:2 * H] = 1.0
     return params
@@ -154,7 +166,7 @@ class _LayerCache:
         self.dgates = np.empty((T, B, G), dtype)    # dL/d(gate pre-activations)
         self.dh_carry = np.empty((B, H), dtype)     # dL/dh flowing back through time
         self.d_input = np.empty((T * B, H), dtype)  # dL/d(layer input) (unused for layer 0)
-        if config.cell == "lstm":
+        if config.has_cell_state:
             self.c = np.empty((T + 1, B, H), dtype)
             self.tanh_c = np.empty((T, B, H), dtype)
             self.dc_carry = np.empty((B, H), dtype)
@@ -199,7 +211,7 @@ class Model:
         c = self.config
         shape = (c.layers, batch_size, c.hidden)
         h = np.zeros(shape, c.np_dtype)
-        return State(h, np.zeros(shape, c.np_dtype) if c.cell == "lstm" else None)
+        return State(h, np.zeros(shape, c.np_dtype) if c.has_cell_state else None)
 
     @property
     def num_parameters(self):
@@ -215,6 +227,8 @@ class Model:
         Load them with ``module.load_state_dict({k: torch.from_numpy(v) ...})``;
         for one-hot inputs the module then gives the same log-probabilities.
         """
+        if self.config.cell not in TORCH_CELLS:
+            raise UsageError(f"a {self.config.cell} has no PyTorch counterpart")
         return {torch_key(name): p.copy() for name, p in self.params.items()}
 
     @classmethod
@@ -222,6 +236,8 @@ class Model:
         """The inverse of torch_state_dict: a Model from numpy (or torch CPU)
         arrays under ``rnn.*`` and ``decoder.*`` keys. The sizes are read from
         the shapes; the keys and shapes must then match exactly."""
+        if cell not in TORCH_CELLS:
+            raise UsageError(f"a {cell} has no PyTorch counterpart")
         arrays = {key: np.asarray(value) for key, value in state_dict.items()}
         if "decoder.weight" not in arrays or arrays["decoder.weight"].ndim != 2:
             raise UsageError("state dict lacks a 2-D decoder.weight")
@@ -247,7 +263,8 @@ class Model:
     def loss_and_grads(self, x, y, state, dropout=0.0, rng=None, state_grad=None):
         """Forward and truncated-BPTT backward over one chunk.
 
-        x, y: (T, B) int ids; y[t, b] is the character after x[t, b].
+        x, y: (T, B) int ids; y[t, b] is the character after x[t, b], or
+            IGNORE (-1): no loss there (the mean is over the scored positions).
         state: the State at the start of the chunk (not modified).
         dropout: inverted-dropout probability on every layer's output
             (training only); rng: a numpy Generator for the masks.
@@ -268,10 +285,12 @@ class Model:
         x, y = self._check_chunk(x, y, state)
         caches = self._forward(x, state, 0.0, None)
         logp = self._target_log_probs(caches[-1], y)
-        return float(-logp.mean()), self._final_state(caches)
+        scored = max(int(np.count_nonzero(y != IGNORE)), 1)
+        return float(-logp.sum() / scored), self._final_state(caches)
 
     def log_probs(self, x, y, state):
-        """Forward only: (log p(y[t,b] | history) in nats as (T, B) float64, final State)."""
+        """Forward only: (log p(y[t,b] | history) in nats as (T, B) float64,
+        0 where y is IGNORE; final State)."""
         x, y = self._check_chunk(x, y, state)
         caches = self._forward(x, state, 0.0, None)
         logp = self._target_log_probs(caches[-1], y)
@@ -323,9 +342,10 @@ class Model:
     def _recur(self, layer, state, cache):
         cell, W_hh = self.config.cell, self.params[f"weight_hh_l{layer}"]
         cache.h[0] = state.h[layer]
-        if cell == "lstm":
+        if self.config.has_cell_state:
             cache.c[0] = state.c[layer]
-            K.lstm_forward(cache.gates, W_hh, cache.h, cache.c, cache.tanh_c)
+            K.lstm_forward(cache.gates, W_hh, cache.h, cache.c, cache.tanh_c,
+                           self.params.get(f"weight_peep_l{layer}"))
         elif cell == "gru":
             b_hh = self.params[f"bias_hh_l{layer}"]
             K.gru_forward(cache.gates, W_hh, b_hh, cache.h, cache.hn, cache.hh)
@@ -346,7 +366,7 @@ class Model:
 
     def _final_state(self, caches):
         h = np.stack([cache.h[-1] for cache in caches])
-        c = np.stack([cache.c[-1] for cache in caches]) if self.config.cell == "lstm" else None
+        c = np.stack([cache.c[-1] for cache in caches]) if self.config.has_cell_state else None
         return State(h, c)
 
     # -- backward ------------------------------------------------------------
@@ -387,16 +407,17 @@ class Model:
 
     def _backward_recurrence(self, layer, cache, dh_out, state_grad):
         """Runs the cell's BPTT kernel; returns (dgates for W_ih, dgates for W_hh or None)."""
-        cell, g = self.config.cell, self.grads
-        W_hh, dW_hh = self.params[f"weight_hh_l{layer}"], g[f"weight_hh_l{layer}"]
+        cell, g, p = self.config.cell, self.grads, self.params
+        W_hh, dW_hh = p[f"weight_hh_l{layer}"], g[f"weight_hh_l{layer}"]
         # Truncated BPTT: no gradient arrives from beyond the chunk's end.
         dh_carry, dgates, dgates_h = cache.dh_carry, cache.dgates, None
         dh_carry[...] = 0
-        if cell == "lstm":
+        if self.config.has_cell_state:
             dc_carry = cache.dc_carry
             dc_carry[...] = 0
+            peep = f"weight_peep_l{layer}"
             K.lstm_backward(cache.gates, W_hh, cache.h, cache.c, cache.tanh_c, dh_out,
-                            dh_carry, dc_carry, dgates, dW_hh)
+                            dh_carry, dc_carry, dgates, dW_hh, p.get(peep), g.get(peep))
             if state_grad is not None:
                 state_grad.c[layer] = dc_carry
         elif cell == "gru":
@@ -434,7 +455,7 @@ class Model:
             raise ValueError(f"x and y must be non-empty (T, B) arrays, got {x.shape} and {y.shape}")
         c = self.config
         expected = (c.layers, x.shape[1], c.hidden)
-        if state.h.shape != expected or (c.cell == "lstm" and state.c.shape != expected):
+        if state.h.shape != expected or (c.has_cell_state and state.c.shape != expected):
             raise ValueError(f"state must be {expected}")
         return x, y
 

@@ -8,11 +8,14 @@ equations, and so that a reader can see the whole model on one page:
     LSTM   [i|f|g|o] = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh, activated as
            i, f, o = sigmoid(.), g = tanh(.);
            c_t = f * c_{t-1} + i * g,  h_t = o * tanh(c_t)
+    LSTM with peepholes: the same, but i and f also see w_ci * c_{t-1} and
+           w_cf * c_{t-1}, and o sees w_co * c_t (weight_peep = [w_ci|w_cf|w_co])
     GRU    r = sigmoid(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr),  z likewise,
            n = tanh(W_in x_t + b_in + r * (W_hn h_{t-1} + b_hn)),
            h_t = (1 - z) * n + z * h_{t-1}
     output logits_t = W_out h_t(top layer) + b_out
-    loss   mean over the T*B positions of -log softmax(logits_t)[y_t]
+    loss   mean over the scored positions of -log softmax(logits_t)[y_t]
+           (all T*B of them, except where y_t is IGNORE = -1)
 
 Layer 0 sees x_t as a one-hot vector over the vocabulary, so W_ih x_t is
 column x_t of W_ih (a gather); each higher layer sees the h_t of the layer
@@ -44,7 +47,7 @@ from functools import partial
 
 import numpy as np
 
-from .model import parameter_shapes
+from .model import IGNORE, parameter_shapes
 
 __all__ = ["loss_and_grads", "log_probs"]
 
@@ -138,7 +141,7 @@ def forward(config, p, x, h0, c0, dropout_masks):
 def layer_forward(cell, p, layer, inputs, h0, c0):
     """Runs one layer through time from (h0, c0); returns its LayerRun."""
     W_ih, b_ih, W_hh, b_hh = _layer_weights(p, layer)
-    step = CELL_STEPS[cell][0]
+    step = _bind_peepholes(cell, CELL_STEPS[cell][0], p, layer)
     h, c, caches = [h0], [c0], []
     for x_t in inputs:
         if layer == 0:
@@ -162,7 +165,7 @@ def layer_backward(cell, p, grads, layer, run, dh_out):
     """
     W_ih, b_ih, W_hh, b_hh = _layer_weights(p, layer)
     dW_ih, db_ih, dW_hh, db_hh = _layer_weights(grads, layer)
-    step_backward = CELL_STEPS[cell][1]
+    step_backward = _bind_peepholes(cell, CELL_STEPS[cell][1], p, layer, grads)
     T = len(run.step_caches)
     # Truncation: nothing flows back from beyond the end of the chunk.
     dh_next = np.zeros_like(run.h[0])
@@ -180,6 +183,17 @@ def layer_backward(cell, p, grads, layer, run, dh_out):
             d_inputs[t] = affine_backward(da_x, W_ih, run.inputs[t], dW_ih, db_ih)
     d_inputs = None if layer == 0 else np.stack(d_inputs)
     return d_inputs, dh_next, dc_next
+
+
+def _bind_peepholes(cell, step, p, layer, grads=None):
+    """The peephole LSTM's steps also take the layer's peephole weights (and,
+    going backward, the gradient to accumulate them into)."""
+    if cell != "lstm-peephole":
+        return step
+    name = f"weight_peep_l{layer}"
+    if grads is None:
+        return partial(step, peep=p[name])
+    return partial(step, peep=p[name], dpeep=grads[name])
 
 
 def _layer_weights(arrays, layer):
@@ -308,11 +322,44 @@ def gru_step_backward(dh, dc, cache):
     return da_x, da_h, dh_prev, None
 
 
+def lstm_peephole_step(a_x, a_h, h_prev, c_prev, peep):
+    w_ci, w_cf, w_co = peep
+    a_i, a_f, a_g, a_o = np.split(a_x + a_h, 4, axis=1)
+    i = sigmoid(a_i + w_ci * c_prev)
+    f = sigmoid(a_f + w_cf * c_prev)
+    g = np.tanh(a_g)
+    c = f * c_prev + i * g
+    o = sigmoid(a_o + w_co * c)
+    tanh_c = np.tanh(c)
+    h = o * tanh_c
+    return h, c, (i, f, g, o, c_prev, c, tanh_c)
+
+
+def lstm_peephole_step_backward(dh, dc, cache, peep, dpeep):
+    i, f, g, o, c_prev, c, tanh_c = cache
+    w_ci, w_cf, w_co = peep
+    # h = o * tanh(c), o = sigmoid(a_o + w_co * c)
+    da_o = sigmoid_backward(dh * tanh_c, o)
+    dc = dc + tanh_backward(dh * o, tanh_c) + da_o * w_co
+    dpeep[2] += (da_o * c).sum(axis=0)
+    # c = f * c_prev + i * g, i = sigmoid(a_i + w_ci * c_prev), f likewise
+    da_i = sigmoid_backward(dc * g, i)
+    da_f = sigmoid_backward(dc * c_prev, f)
+    da_g = tanh_backward(dc * i, g)
+    dc_prev = dc * f + da_i * w_ci + da_f * w_cf
+    dpeep[0] += (da_i * c_prev).sum(axis=0)
+    dpeep[1] += (da_f * c_prev).sum(axis=0)
+    da = np.concatenate([da_i, da_f, da_g, da_o], axis=1)
+    # a = a_x + a_h: both receive da. h_{t-1} enters only through a_h.
+    return da, da, 0, dc_prev
+
+
 CELL_STEPS = {
     "rnn": (partial(rnn_step, relu=False), partial(rnn_step_backward, relu=False)),
     "rnn-relu": (partial(rnn_step, relu=True), partial(rnn_step_backward, relu=True)),
     "lstm": (lstm_step, lstm_step_backward),
     "gru": (gru_step, gru_step_backward),
+    "lstm-peephole": (lstm_peephole_step, lstm_peephole_step_backward),
 }
 
 
@@ -327,17 +374,23 @@ def log_softmax(logits):
 
 
 def cross_entropy(logits, y):
-    """(mean of -log p(y), log p(y) per position) for logits (T, B, V), y (T, B)."""
-    target_log_probs = np.take_along_axis(log_softmax(logits), y[..., None], axis=-1)[..., 0]
-    return float(-target_log_probs.mean()), target_log_probs
+    """(mean of -log p(y) over the scored positions, log p(y) per position,
+    0 where y is IGNORE) for logits (T, B, V), y (T, B)."""
+    scored = y != IGNORE
+    picked = np.where(scored, y, 0)[..., None]
+    target_log_probs = np.take_along_axis(log_softmax(logits), picked, axis=-1)[..., 0]
+    target_log_probs = np.where(scored, target_log_probs, 0.0)
+    return float(-target_log_probs.sum() / max(scored.sum(), 1)), target_log_probs
 
 
 def cross_entropy_backward(logits, y):
-    """dL/dlogits for the mean loss: (softmax - one_hot(y)) / (T * B)."""
+    """dL/dlogits for the mean loss: (softmax - one_hot(y)) / n_scored, 0 where unscored."""
+    scored = y != IGNORE
+    picked = np.where(scored, y, 0)[..., None]
     d_logits = np.exp(log_softmax(logits))
-    np.put_along_axis(d_logits, y[..., None],
-                      np.take_along_axis(d_logits, y[..., None], axis=-1) - 1, axis=-1)
-    return d_logits / y.size
+    np.put_along_axis(d_logits, picked,
+                      np.take_along_axis(d_logits, picked, axis=-1) - 1, axis=-1)
+    return d_logits * scored[..., None] / max(scored.sum(), 1)
 
 
 # ---------------------------------------------------------------------------
@@ -357,8 +410,8 @@ def _prepare(config, params, x, y, h0, c0, dropout_masks):
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim != 2 or x.shape != y.shape or x.size == 0:
         raise ValueError(f"x and y must be non-empty (T, B) arrays, got {x.shape} and {y.shape}")
-    for ids in (x, y):
-        in_range = ids.min() >= 0 and ids.max() < config.vocab_size
+    for ids, low in ((x, 0), (y, IGNORE)):
+        in_range = ids.min() >= low and ids.max() < config.vocab_size
         if not np.issubdtype(ids.dtype, np.integer) or not in_range:
             raise ValueError(f"ids must be integers in [0, {config.vocab_size})")
     T, B = x.shape
@@ -366,7 +419,7 @@ def _prepare(config, params, x, y, h0, c0, dropout_masks):
     h0 = np.asarray(h0, np.float64)
     if h0.shape != state_shape:
         raise ValueError(f"h0 must be {state_shape}, got {h0.shape}")
-    if config.cell == "lstm":
+    if config.has_cell_state:
         c0 = None if c0 is None else np.asarray(c0, np.float64)
         if c0 is None or c0.shape != state_shape:
             raise ValueError(f"the LSTM needs c0 of shape {state_shape}")

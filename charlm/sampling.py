@@ -113,20 +113,23 @@ class FusedSampler:
             tuple(np.ascontiguousarray(model.projection_bias(k)) for k in range(L)),
             tuple(p[f"bias_hh_l{k}"] for k in range(L)),
             p["out.weight"], p["out.bias"])
+        self._peep = tuple(p[f"weight_peep_l{k}"] for k in range(L)) \
+            if config.cell == "lstm-peephole" else ()
+        self._has_c = config.has_cell_state
         B = state.h.shape[1] if state.h.ndim == 3 else 0
         expected = (L, B, config.hidden)
         if (B < 1 or state.h.shape != expected
-                or (self.cell == "lstm" and state.c.shape != expected)):
+                or (self._has_c and state.c.shape != expected)):
             raise ValueError(f"state must be (layers, batch, hidden) = {expected}, "
                              f"got h of shape {state.h.shape}")
         self.h = np.array(state.h, dtype, order="C")
-        self.c = (np.array(state.c, dtype, order="C") if self.cell == "lstm"
+        self.c = (np.array(state.c, dtype, order="C") if self._has_c
                   else np.empty((0, 0, 0), dtype))
 
     @property
     def state(self):
         """A copy of the current State."""
-        return State(self.h.copy(), self.c.copy() if self.cell == "lstm" else None)
+        return State(self.h.copy(), self.c.copy() if self._has_c else None)
 
     def run(self, prev_ids, uniforms, temperature=1.0, top_k=None, top_p=None,
             argmax=False, probs=None):
@@ -144,7 +147,7 @@ class FusedSampler:
         ids = np.empty(uniforms.shape, np.int32)
         K.sample_steps(self.cell, *self._weights, self.h, self.c, prev_ids, uniforms, ids,
                        float(temperature), top_k or 0, 1.0 if top_p is None else float(top_p),
-                       bool(argmax), probs)
+                       bool(argmax), probs, self._peep)
         return ids
 
 

@@ -9,7 +9,7 @@ order anywhere shows up as a relative error far above the tolerance.
 import numpy as np
 import pytest
 
-from charlm.model import CELLS, Config, Model
+from charlm.model import CELLS, IGNORE, Config, Model
 
 EPS = 1e-6
 # Central differences in float64 with EPS = 1e-6 carry ~1e-10 of round-off;
@@ -24,7 +24,7 @@ def _problem(cell, layers, V=5, H=4, T=4, B=3, seed=0):
     rng = np.random.default_rng(seed + 1)
     # Non-zero biases and a random initial state exercise every term.
     for name, p in model.params.items():
-        if name.startswith("bias") or name == "out.bias":
+        if name.startswith(("bias", "weight_peep")) or name == "out.bias":
             p[...] = rng.normal(0, 0.5, p.shape)
     x = rng.integers(0, V, (T, B)).astype(np.int32)
     y = rng.integers(0, V, (T, B)).astype(np.int32)
@@ -146,14 +146,15 @@ def test_out_of_range_ids_are_rejected_before_the_kernels():
     with pytest.raises(ValueError, match="out of range"):
         model.loss(x, y, state)
     x[0, 0] = 0
-    y[1, 1] = -1
+    y[1, 1] = -2         # -1 is IGNORE, a legal target
     with pytest.raises(ValueError, match="out of range"):
         model.loss_and_grads(x, y, state)
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_initialisation(cell):
-    """Orthogonal recurrent gate blocks, zero biases but the LSTM forget gate's 1."""
+    """Orthogonal recurrent gate blocks, zero biases but the LSTM forget gate's 1,
+    zero peephole weights."""
     config = Config(vocab_size=9, cell=cell, hidden=6, layers=2, dtype="float64")
     params = Model(config, seed=4).params
     H = config.hidden
@@ -163,9 +164,37 @@ def test_initialisation(cell):
             np.testing.assert_allclose(block @ block.T, np.eye(H), atol=1e-12)
         bias = params[f"bias_ih_l{layer}"]
         expected = np.zeros_like(bias)
-        if cell == "lstm":
+        if config.has_cell_state:
             expected[H:2 * H] = 1.0
         np.testing.assert_array_equal(bias, expected)
+        if cell == "lstm-peephole":     # starts as a plain LSTM
+            assert not params[f"weight_peep_l{layer}"].any()
     limit = np.sqrt(6.0 / (H + 9))         # Xavier for the one-hot input block
     assert np.abs(params["weight_ih_l0"]).max() <= limit
     assert np.abs(params["weight_ih_l0"]).max() > 0.8 * limit
+
+
+@pytest.mark.parametrize("cell", ["lstm-peephole", "gru"])
+def test_ignored_targets_carry_no_loss_and_no_gradient(cell):
+    """IGNORE positions drop out of the mean: the loss and gradients are the
+    finite-difference ones of the mean over the scored positions only."""
+    model, x, y, state = _problem(cell, layers=2)
+    y[:2] = IGNORE                  # score only the last steps, as a lag task does
+    loss, grads, _ = model.loss_and_grads(x, y, state)
+    grads = {k: v.copy() for k, v in grads.items()}
+    logp, _ = model.log_probs(x, y, state)
+    assert np.all(logp[:2] == 0)
+    assert loss == pytest.approx(-logp[2:].mean(), rel=1e-12)
+
+    def f():
+        return model.loss(x, y, state)[0]
+
+    worst = 0.0
+    for name, p in model.params.items():
+        for index in np.ndindex(p.shape):
+            worst = max(worst, _err(_numeric(f, p, index), grads[name][index]))
+    assert worst < 1
+
+    y[...] = IGNORE                 # nothing scored: zero loss, zero gradient
+    loss, grads, _ = model.loss_and_grads(x, y, state)
+    assert loss == 0 and all(not g.any() for g in grads.values())

@@ -8,7 +8,7 @@ float32 to single-precision round-off. Skipped when PyTorch is not installed.
 import numpy as np
 import pytest
 
-from charlm.model import CELLS, Config, Model, torch_key
+from charlm.model import TORCH_CELLS, Config, Model, torch_key
 
 torch = pytest.importorskip("torch")
 
@@ -76,7 +76,7 @@ def _torch_run(model, x, y, state):
 
 @pytest.mark.parametrize("dtype,rtol,atol", [("float64", 1e-9, 1e-12), ("float32", 2e-4, 2e-6)])
 @pytest.mark.parametrize("layers", [1, 3])
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", TORCH_CELLS)
 def test_matches_pytorch(cell, layers, dtype, rtol, atol):
     model, x, y, state = _setup(cell, layers, dtype)
     state_grad = model.zero_state(x.shape[1])
@@ -95,7 +95,7 @@ def test_matches_pytorch(cell, layers, dtype, rtol, atol):
         np.testing.assert_allclose(state_grad.c, dc0.numpy(), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", TORCH_CELLS)
 def test_torch_state_dict_round_trips_through_a_torch_module(cell):
     model, x, y, state = _setup(cell, 2, "float64")
     module, _ = _torch_module(model)
