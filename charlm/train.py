@@ -551,7 +551,7 @@ def _restored_state(model, tensors, batch_size):
     shape = (c.layers, batch_size, c.hidden)
     h, cell = tensors.get("h"), tensors.get("c")
     if h is None or h.shape != shape or h.dtype != c.np_dtype or \
-            (c.cell == "lstm") != (cell is not None) or \
+            c.has_cell_state != (cell is not None) or \
             (cell is not None and (cell.shape != shape or cell.dtype != c.np_dtype)):
         raise ModelFileError(f"checkpoint's carried hidden state does not fit a "
                              f"{c.layers}-layer {c.cell} with batch size {batch_size}")
