@@ -23,12 +23,19 @@ disk mid-save leaves the previous file as it was. The bytes are written here
 rather than by safetensors' own file writer so that every write error is seen
 and the data is on disk before the rename. Non-finite tensors are refused, so
 a diverged run can never overwrite a good checkpoint.
+
+A process killed mid-save (SIGKILL, power loss) cannot remove its temporary
+file, so each save first deletes the abandoned temporary files of the same
+target. It tells abandoned from in-use by a lock: a writer holds an
+exclusive flock on its temporary file until the rename, and the kernel drops
+that lock when the writer dies, however it dies.
 """
 
 import contextlib
 import errno
 import json
 import os
+import re
 import reprlib
 import secrets
 from dataclasses import dataclass, field
@@ -40,6 +47,11 @@ from safetensors import SafetensorError, safe_open
 from .errors import CharlmError, DataError, ModelFileError, UsageError
 from .model import Config, Model, parameter_shapes
 from .vocab import Vocabulary
+
+try:
+    import fcntl
+except ImportError:   # no flock (Windows): abandoned temporary files are left alone
+    fcntl = None
 
 FORMAT = "charlm"
 FORMAT_VERSION = "1"
@@ -149,13 +161,18 @@ def _metadata_to_save(model, vocab, meta):
 
 def _write_atomically(path, data):
     """Temp file in the same directory -> write -> fsync -> rename over path -> fsync dir."""
+    _remove_abandoned_temp_files(path)
     try:
         fd, temp_path = _create_temp_file(path)
     except OSError as error:
         raise _save_error(path, error) from None
     try:
-        _write_and_sync(fd, data)
-        os.replace(temp_path, path)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+            os.replace(temp_path, path)
+        finally:
+            os.close(fd)    # only now: the lock must cover the temp file until it is renamed
     except BaseException as error:   # also KeyboardInterrupt: never leave the temp file
         with contextlib.suppress(OSError):
             os.remove(temp_path)
@@ -166,26 +183,69 @@ def _write_atomically(path, data):
 
 
 def _create_temp_file(path):
-    """A new, exclusively created file next to ``path``.
+    """A new, exclusively created and locked file next to ``path``.
 
     Not tempfile.mkstemp: that creates mode 0600, and the model file should
     get the usual permissions (0666 less the umask) like any other file.
     """
     directory, name = os.path.split(os.path.abspath(path))
-    temp_path = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    return os.open(temp_path, flags, 0o666), temp_path
+    while True:
+        temp_path = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(temp_path, flags, 0o666)
+        if _lock_for_writing(fd):
+            return fd, temp_path
+        os.close(fd)
 
 
-def _write_and_sync(fd, data):
+def _lock_for_writing(fd):
+    """Take the writer's lock on a new temp file; False if another save's
+    cleanup deleted the file in the instant between its creation and the lock."""
+    if fcntl is None:
+        return True
     try:
-        view = memoryview(data)
-        while view:   # os.write may write less than asked
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:    # the filesystem has no locks: then no cleanup can take it either
+        return True
+    return os.fstat(fd).st_nlink > 0
+
+
+def _remove_abandoned_temp_files(path):
+    """Delete the temp files that earlier saves to ``path`` never renamed
+    because their process died; leave those of saves still running."""
+    if fcntl is None:
+        return
+    directory, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{12}}\.tmp")
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return    # the save itself will report the unusable directory
+    for entry in entries:
+        if pattern.fullmatch(entry):
+            _remove_if_abandoned(os.path.join(directory, entry))
+
+
+def _remove_if_abandoned(temp_path):
+    try:
+        fd = os.open(temp_path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        # Succeeds only if no live process holds the writer's lock.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.remove(temp_path)
+    except OSError:    # BlockingIOError: a save in progress owns it
+        pass
     finally:
         os.close(fd)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:   # os.write may write less than asked
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _sync_directory(path):

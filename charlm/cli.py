@@ -9,8 +9,12 @@ exit code, never a traceback:
     130 interrupted (Ctrl-C), after saving what there was to save
 """
 
+import contextlib
+import errno
 import functools
+import os
 import re
+import signal
 import sys
 
 import click
@@ -29,9 +33,15 @@ def _friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except CharlmError as error:
-            click.echo(f"charlm: error: {error}", err=True)
+            # One line even when a file name holds a line break.
+            message = str(error).replace("\r", "\\r").replace("\n", "\\n")
+            click.echo(f"charlm: error: {message}", err=True)
             sys.exit(error.exit_code)
         except KeyboardInterrupt:
+            # Decided: exit 130. Another Ctrl-C from here on would only turn
+            # that into a death by SIGINT (and maybe a traceback), so ignore it.
+            with contextlib.suppress(ValueError):     # not the main thread
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             click.echo("charlm: interrupted", err=True)
             sys.exit(130)
         except MemoryError:
@@ -48,19 +58,83 @@ def _duration(text):
     """'600', '90s', '10m', '1.5h' -> seconds."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhd]?)\s*", str(text))
     if not match:
-        raise click.BadParameter(f"{text!r} is not a duration like 600, 90s, 10m or 1.5h")
+        raise click.BadParameter(f"{text!r} is not a duration like 600, 90s, 10m or 1.5h",
+                                 param_hint="--max-time")
     return float(match.group(1)) * MAX_TIME_UNITS.get(match.group(2) or "s")
+
+
+MAX_THREADS = 1024
 
 
 def _limit_threads(threads):
     """Set the BLAS thread count for this process (0: leave the default)."""
+    if not 0 <= threads <= MAX_THREADS:    # the BLAS library takes a C int, and sanity
+        from .errors import UsageError
+        raise UsageError(f"--threads must be an integer in 0..{MAX_THREADS}, got {threads}")
     if threads:
         from threadpoolctl import threadpool_limits
         return threadpool_limits(limits=threads, user_api="blas")
     return None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineGroup(click.Group):
+    """The charlm command group: every failure ends in one line on stderr.
+
+    click prints a usage error as a usage block, a hint and an "Error:" line;
+    here it becomes one "charlm: error:" line with the same exit code (2).
+    An OSError that gets this far comes from writing the output (a full disk,
+    a closed or failing stdout), since charlm's own file errors are
+    CharlmErrors; it is reported as a data error (exit 3).
+    """
+
+    def make_context(self, *args, **kwargs):
+        with _usage_errors_on_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_errors_on_one_line():
+            return super().invoke(ctx)
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as error:
+            _output_failed(error)
+
+
+class _OneLineUsageError(click.ClickException):
+    def show(self, file=None):
+        click.echo(f"charlm: error: {self.message}", err=True)
+
+
+@contextlib.contextmanager
+def _usage_errors_on_one_line():
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise               # a bare `charlm` prints the help: keep click's way
+    except click.ClickException as error:
+        message = " ".join(error.format_message().split())
+        ctx = getattr(error, "ctx", None)
+        if ctx is not None:
+            message += f" (see '{ctx.command_path} --help')"
+        one_line = _OneLineUsageError(message)
+        one_line.exit_code = error.exit_code
+        raise one_line from None
+
+
+def _output_failed(error):
+    """Exit 3 with one line; silence stdout first, or Python's final flush of
+    it would fail again and print a second message."""
+    where = f"{error.filename}: " if error.filename else "cannot write the output: "
+    click.echo(f"charlm: error: {where}{error.strerror or error}", err=True)
+    with contextlib.suppress(OSError, ValueError, AttributeError):   # no real stdout (tests)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(3)
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="charlm")
 def main():
     """charlm: character-level RNN, LSTM and GRU language models on the CPU."""
@@ -112,6 +186,9 @@ def _train_options(function):
                      help="Stop after this long, e.g. 600, 90s, 10m, 1.5h; 0: none."),
         click.option("--eval-every", type=int, default=d.eval_every, show_default=True,
                      help="Steps between validation, checkpoint and log line."),
+        click.option("--record-decay", is_flag=True, default=d.record_decay,
+                     help="At each evaluation, also measure the gradient's decay factor per "
+                          "step back in time (see `charlm gradients`) and log it."),
         click.option("--sample-every", type=int, default=d.sample_every, show_default=True,
                      help="Steps between printed samples; 0: never."),
         click.option("--sample-length", type=int, default=d.sample_length, show_default=True),
@@ -189,8 +266,9 @@ def sample(model, length, temperature, prime, prime_file, seed, top_k, top_p, ar
     from .lm import load
     if length < 0:
         raise click.BadParameter("must be >= 0", param_hint="--length")
-    if num_samples < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--num-samples")
+    from .lm import MAX_BATCH_SAMPLES
+    if not 1 <= num_samples <= MAX_BATCH_SAMPLES:
+        raise click.BadParameter(f"must be in 1..{MAX_BATCH_SAMPLES}", param_hint="--num-samples")
     if num_samples > 1 and not length:
         raise click.BadParameter("give a --length with --num-samples", param_hint="--length")
     if prime_file is not None:
@@ -217,6 +295,8 @@ def sample(model, length, temperature, prime, prime_file, seed, top_k, top_p, ar
 def _emit(text):
     """Write to stdout as valid UTF-8 whatever the locale, and flush, so
     characters appear as they are produced."""
+    if sys.stdout is None:     # started with stdout closed: the text cannot go anywhere
+        raise OSError(errno.EBADF, "standard output is closed")
     sys.stdout.buffer.write(text.encode("utf-8", "replace"))
     sys.stdout.buffer.flush()
 
@@ -254,8 +334,12 @@ def eval_(model, file, skip_unknown, encoding, errors, threads, as_json):
 
     def pieces():
         nonlocal skipped
+        from .errors import DataError
         for text in read_text(file, encoding, errors):
-            ids, n = lm.vocab.encode_with_count(text, unknown)
+            try:
+                ids, n = lm.vocab.encode_with_count(text, unknown)
+            except DataError as error:       # name the file the characters are in
+                raise DataError(f"{file}: {error}") from None
             skipped += n
             yield ids
 
@@ -267,13 +351,13 @@ def eval_(model, file, skip_unknown, encoding, errors, threads, as_json):
                "skipped_unknown": skipped, "nats_per_char": result.nats_per_char,
                "bits_per_char": result.bits_per_char, "perplexity": result.perplexity}
     if as_json:
-        click.echo(json.dumps(figures))
+        _emit(json.dumps(figures) + "\n")
         return
-    click.echo(f"{file}: {result.predicted:,} characters scored"
-               + (f", {skipped:,} unknown skipped" if skip_unknown else ""))
-    click.echo(f"nats per character: {result.nats_per_char:.6f}")
-    click.echo(f"bits per character: {result.bits_per_char:.6f}")
-    click.echo(f"perplexity:         {result.perplexity:.6f}")
+    _emit(f"{file}: {result.predicted:,} characters scored"
+          + (f", {skipped:,} unknown skipped" if skip_unknown else "") + "\n"
+          + f"nats per character: {result.nats_per_char:.6f}\n"
+          + f"bits per character: {result.bits_per_char:.6f}\n"
+          + f"perplexity:         {result.perplexity:.6f}\n")
 
 
 # --- info ------------------------------------------------------------------------
@@ -296,7 +380,7 @@ def info(model, as_json):
                "best_val_bpc": summary.get("best_val_bpc"), "best_step": summary.get("best_step"),
                "train_options": meta.get("train"), "corpus": meta.get("corpus")}
     if as_json:
-        click.echo(json.dumps(details, ensure_ascii=False))
+        _emit(json.dumps(details, ensure_ascii=False) + "\n")
         return
     best = details["best_val_bpc"]
     lines = [
@@ -326,6 +410,86 @@ def _shown(chars, limit=80):
 
 def _count(value):
     return f"{value:,}" if isinstance(value, int) else "?"
+
+
+# --- gradients -------------------------------------------------------------------
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--text", "text_path", type=click.Path(), default=None,
+              help="Measure on this text file [default: the model's own validation text].")
+@click.option("--span", type=int, default=100, show_default=True,
+              help="K: how many steps back from the loss to follow the gradient.")
+@click.option("--windows", type=int, default=64, show_default=True,
+              help="Windows at random positions of the text to average over.")
+@click.option("--burn-in", type=int, default=100, show_default=True,
+              help="Characters run before each window, so it starts from a typical state.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the window positions.")
+@click.option("--csv", "csv_path", type=click.Path(), default=None,
+              help="Write the mean gradient norm per k and series to this CSV file.")
+@click.option("--plot", type=click.Path(), default=None,
+              help="Write a PNG chart to this file (needs pip install 'charlm[plot]').")
+@click.option("--encoding", default=None, help="The --text file's encoding [default: utf-8].")
+@click.option("--errors", default=None,
+              help="What to do with undecodable bytes: strict, replace, ignore...")
+@click.option("--threads", type=int, default=0)
+@_friendly_errors
+def gradients(model, threads, **options):
+    """How far back in time MODEL's gradient reaches: the gradient flow through
+    time per layer, its decay factor per step, gate saturation and the spectral
+    norm of the recurrent weights (charlm.diagnostics)."""
+    from .diagnostics import gradients_command
+    _limit_threads(threads)
+    gradients_command(model, echo=lambda text: _emit(text + "\n"), **options)
+
+
+# --- task ------------------------------------------------------------------------
+
+def _task_options(function):
+    from .model import CELLS
+    from .optim import OPTIMIZERS
+    from .tasks import TASKS, TaskOptions
+    d = TaskOptions()
+    options = [
+        click.argument("task", type=click.Choice(TASKS)),
+        click.option("--lag", type=int, default=d.lag, show_default=True,
+                     help="L: how many steps back the answer was shown."),
+        click.option("--cell", type=click.Choice(CELLS), default=d.cell, show_default=True),
+        click.option("--hidden", type=int, default=d.hidden, show_default=True),
+        click.option("--layers", type=int, default=d.layers, show_default=True),
+        click.option("--steps", type=int, default=d.steps, show_default=True,
+                     help="Optimiser steps, each on fresh sequences."),
+        click.option("--batch-size", type=int, default=d.batch_size, show_default=True),
+        click.option("--lr", type=float, default=d.lr, show_default=True),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=d.optimizer,
+                     show_default=True),
+        click.option("--clip-norm", type=float, default=d.clip_norm, show_default=True,
+                     help="Clip the global gradient norm to this; 0: off."),
+        click.option("--clip-value", type=float, default=d.clip_value, show_default=True,
+                     help="Clip each gradient element to [-v, v]; 0: off."),
+        click.option("--seed", type=int, default=d.seed, show_default=True,
+                     help="Seeds the weights, the training and the held-out sequences."),
+        click.option("--eval-sequences", type=int, default=d.eval_sequences, show_default=True,
+                     help="Held-out sequences scored at the end."),
+        click.option("--threads", type=int, default=d.threads, show_default=True,
+                     help="BLAS threads; 0: BLAS's default (slower for models this small)."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@main.command()
+@_task_options
+@_friendly_errors
+def task(**options):
+    """Train on a synthetic long-range TASK and report held-out accuracy against
+    chance: copy (reproduce the symbol seen L steps back) or adding (the sum of
+    two marked digits, the first about L steps back). See charlm.tasks."""
+    from .tasks import task_command
+    task_command(echo=lambda text: _emit(text + "\n"), **options)    # sets --threads itself
 
 
 if __name__ == "__main__":

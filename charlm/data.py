@@ -9,12 +9,21 @@ vocabulary, then encode and write the ids.
 BatchStream serves char-rnn style (T, B) chunks from those ids, one chunk
 copied out of the memory map per step, with a position that can be saved and
 restored so a resumed run continues at exactly the next chunk.
+
+Resident memory stays independent of the corpus size. Pages of a mapped file
+that a process has touched count in its resident set until it unmaps them,
+and a fault may map a whole 2 MB folio; B streams spread over the file would
+soon have all of it resident. So BatchStream, given the id file's path, reads
+each chunk's B windows with pread (into the page cache, not the process), and
+the evaluator, which reads the validation ids in order, calls release_pages
+every ~1M ids to unmap what it has read (MADV_DONTNEED; the pages stay cached).
 """
 
 import codecs
 import contextlib
 import hashlib
 import math
+import mmap
 import numbers
 import os
 import reprlib
@@ -60,6 +69,11 @@ class Corpus:
     val_ids: np.ndarray
     fingerprint: str
 
+    @property
+    def train_path(self):
+        """The training id file, for BatchStream's pread."""
+        return os.path.join(self.workdir, TRAIN_FILE)
+
 
 def prepare_corpus(path, workdir, encoding="utf-8", errors="strict", val_frac=0.1):
     """Read the text file at ``path`` into id files in ``workdir``; return a Corpus.
@@ -104,24 +118,66 @@ def read_text(path, encoding="utf-8", errors="strict"):
 # --- options -----------------------------------------------------------------
 
 def _check_codec(path, encoding, errors):
-    """UsageError unless ``encoding`` decodes bytes to str and ``errors`` exists."""
+    """UsageError unless ``encoding`` decodes bytes to str with the ``errors`` policy."""
     try:
-        decoder = codecs.getincrementaldecoder(encoding)(errors)
+        codec_name = codecs.lookup(encoding).name
     except (LookupError, TypeError):
         raise UsageError(f"{path}: unknown encoding {encoding!r}") from None
+    if codec_name in _WHOLE_INPUT_CODECS:
+        raise UsageError(f"{path}: {encoding!r} cannot be decoded piece by piece, "
+                         f"so charlm cannot read it")
     try:
-        codecs.lookup_error(errors)
+        handler = codecs.lookup_error(errors)
     except (LookupError, TypeError):
-        raise UsageError(f"{path}: unknown --errors handler {errors!r}; use strict, "
-                         f"replace, ignore, backslashreplace or surrogateescape") from None
-    # Some codecs (base64, zlib, rot13...) are not text encodings: they turn
-    # bytes into bytes, or refuse bytes. Any failure of this probe means that.
-    try:
-        is_text = isinstance(decoder.decode(b"", final=True), str)
-    except Exception:
-        is_text = False
-    if not is_text:
+        raise UsageError(f"{path}: unknown --errors handler {errors!r}; use {_DECODE_HANDLERS}") \
+            from None
+    if not _handles_decoding(handler):
+        raise UsageError(f"{path}: --errors {errors!r} only works for encoding, not for "
+                         f"reading text; use {_DECODE_HANDLERS}")
+    if not _decodes_to_text(encoding, errors):
+        if errors != "strict" and _decodes_to_text(encoding, "strict"):
+            raise UsageError(f"{path}: the {encoding!r} codec only takes --errors strict")
         raise UsageError(f"{path}: {encoding!r} is not a text encoding")
+
+
+def _decodes_to_text(encoding, errors):
+    """Whether an incremental decoder for ``encoding`` turns bytes into str.
+
+    Some codecs (base64, zlib, rot13...) are not text encodings: they turn
+    bytes into bytes, or refuse bytes; some (idna, zlib) refuse any errors
+    policy but strict, each in its own way (even an AssertionError). Any
+    failure of this probe means one of those.
+    """
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)(errors)
+        return isinstance(decoder.decode(b"", final=True), str)
+    except Exception:
+        return False
+
+
+_DECODE_HANDLERS = "strict, replace, ignore, backslashreplace or surrogateescape"
+# Codecs whose "incremental" decoders go wrong when the input is cut: punycode
+# decodes each piece on its own, unicode-escape ends an octal escape at the
+# cut. Reading a file block by block with them would corrupt the text.
+_WHOLE_INPUT_CODECS = {"punycode", "unicode-escape"}
+
+
+def _handles_decoding(handler):
+    """Whether an error handler can be given an undecodable byte.
+
+    Some handlers (xmlcharrefreplace, namereplace) exist only for encoding and
+    raise TypeError when a decoder calls them, which would surface only when a
+    bad byte is met, deep into reading a corpus. So they are tried here, on a
+    made-up error, before any reading.
+    """
+    probe = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "probe")
+    try:
+        handler(probe)
+    except UnicodeDecodeError:   # strict, or a handler that passes on this byte: fine
+        return True
+    except Exception:
+        return False
+    return True
 
 
 def _validation_fraction(path, val_frac):
@@ -187,6 +243,12 @@ def _decode(decoder, block, offset, path, encoding, final):
         return decoder.decode(block, final=final)
     except UnicodeDecodeError as error:
         raise DataError(_undecodable_message(error, offset + len(block), path, encoding)) from None
+    except MemoryError:
+        raise
+    except Exception as error:   # codecs such as idna report bad input in their own ways
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise DataError(f"{path}: cannot decode as {encoding}: {reason}; "
+                        f"pass the right --encoding") from None
 
 
 def _undecodable_message(error, bytes_given, path, encoding):
@@ -350,15 +412,34 @@ class _Fingerprint:
 
 
 def _open_ids(path, dtype, length):
-    """The id file as a read-only memory map (numpy cannot map an empty file)."""
+    """The id file as a read-only array over a memory map (an empty file
+    cannot be mapped: it gets an empty array)."""
+    dtype = np.dtype(dtype)
     if length == 0:
         empty = np.zeros(0, dtype=dtype)
         empty.flags.writeable = False
         return empty
     try:
-        return np.memmap(path, dtype=dtype, mode="r", shape=(length,))
-    except (OSError, ValueError) as error:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != length * dtype.itemsize:
+                raise DataError(f"{path}: the id file does not hold {length} ids; "
+                                f"delete it to have it prepared again")
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as error:
         raise DataError(f"{path}: cannot map the id file: {error}") from None
+    mapping.madvise(mmap.MADV_RANDOM)       # no read-ahead: see the module docstring
+    return np.frombuffer(mapping, dtype=dtype, count=length)
+
+
+def release_pages(ids):
+    """Drop the pages of the memory map under `ids` (any view of an array
+    from a Corpus) from this process's resident set; a no-op for ordinary
+    arrays. They stay in the page cache, and reading them again is cheap."""
+    base = ids
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is not None and not base.closed:
+        base.madvise(mmap.MADV_DONTNEED)
 
 
 # --- batches -------------------------------------------------------------------
@@ -373,7 +454,9 @@ class BatchStream:
     x[t, b] = stream_b[k*T + t] and y[t, b] = stream_b[k*T + t + 1].
     """
 
-    def __init__(self, ids, batch_size, seq_length):
+    def __init__(self, ids, batch_size, seq_length, path=None):
+        """ids: a 1-D integer array. path: the file that `ids` maps (a
+        Corpus's train_path), read with pread instead of through the map."""
         _require_positive_int("batch_size", batch_size)
         _require_positive_int("seq_length", seq_length)
         ids = np.asarray(ids)  # a memmap stays a view on the file, not a copy
@@ -394,6 +477,8 @@ class BatchStream:
         self._streams = ids[:batch_size * stream_length].reshape(batch_size, stream_length)
         self.epoch = 0
         self.chunk = 0
+        self._stream_length = stream_length
+        self._file = None if path is None else _IdReader(path, ids.dtype, len(ids))
 
     @property
     def chunks_per_epoch(self):
@@ -413,7 +498,12 @@ class BatchStream:
         """
         start = self.chunk * self.seq_length
         # Inputs and targets overlap but for one step: read T + 1 columns once.
-        window = np.asarray(self._streams[:, start:start + self.seq_length + 1], dtype=np.int32)
+        if self._file is None:
+            window = np.asarray(self._streams[:, start:start + self.seq_length + 1],
+                                dtype=np.int32)
+        else:
+            window = self._file.windows(start, self._stream_length, self.batch_size,
+                                        self.seq_length + 1)
         x = np.ascontiguousarray(window[:, :-1].T)
         y = np.ascontiguousarray(window[:, 1:].T)
         starts_epoch = self.chunk == 0
@@ -451,6 +541,32 @@ class BatchStream:
         if isinstance(saved, bool) or not isinstance(saved, int) or saved != expected:
             raise DataError(f"batch stream state was saved with {key}={reprlib.repr(saved)}, "
                             f"but this run has {key}={expected}")
+
+
+class _IdReader:
+    """Reads windows of an id file with pread: nothing is mapped, so nothing
+    stays in the process's resident set (see the module docstring)."""
+
+    def __init__(self, path, dtype, length):
+        self.dtype = np.dtype(dtype)
+        self.fd = os.open(path, os.O_RDONLY)
+        if os.fstat(self.fd).st_size != length * self.dtype.itemsize:
+            os.close(self.fd)
+            raise DataError(f"{path}: the id file does not hold {length} ids")
+
+    def windows(self, start, stride, count, width):
+        """ids[b*stride + start : ... + width] for b < count, as (count, width) int32."""
+        size = self.dtype.itemsize
+        out = np.empty((count, width), np.int32)
+        for b in range(count):
+            raw = os.pread(self.fd, width * size, (b * stride + start) * size)
+            out[b] = np.frombuffer(raw, self.dtype)
+        return out
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _require_positive_int(name, value):

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .data import release_pages
+
 CHUNK = 2048
+RELEASE_EVERY_IDS = 1 << 20   # unmap the pages of a mapped text every ~1M ids read
 LOG2_E = 1 / math.log(2)
 
 
@@ -57,6 +60,8 @@ def chunked_log_probs(model, ids, chunk=CHUNK):
         for start in range(0, len(piece) - 1, chunk):
             window = np.asarray(piece[start:start + chunk + 1], dtype=np.int32)
             logp, state = model.log_probs(window[:-1, None], window[1:, None], state)
+            if start % RELEASE_EVERY_IDS < chunk:
+                release_pages(piece)        # keep a mapped text's resident pages bounded
             yield logp[:, 0]
         if len(piece):
             previous = np.asarray(piece[-1:], dtype=np.int32)

@@ -6,11 +6,19 @@
     >>> m.bits_per_char("some held-out text")           # doctest: +SKIP
 """
 
+import reprlib
+
 import numpy as np
 
 from . import checkpoint, evaluate
-from .errors import UsageError
+from .errors import DataError, UsageError
 from .sampling import check_decoding, default_prime_ids, generate_ids
+
+# sample_batch holds all its text in memory (generate streams instead): a
+# bound on the batch, and on the characters it returns, keeps a typo in
+# --num-samples or --length a usage error rather than an out-of-memory kill.
+MAX_BATCH_SAMPLES = 1 << 16
+MAX_BATCH_CHARS = 1 << 27
 
 
 def load(path):
@@ -50,7 +58,7 @@ class LanguageModel:
         # prime or option fails before anything is printed.
         check_decoding(temperature, top_k, top_p)
         prime_ids = self._prime_ids(prime)
-        rng = np.random.default_rng(seed)
+        rng = _generator(seed)
         steps = generate_ids(self.model, prime_ids, length, rng, temperature=temperature,
                              top_k=top_k, top_p=top_p, argmax=argmax)
         return (self.vocab.decode(ids[:1]) for ids in steps)
@@ -73,9 +81,15 @@ class LanguageModel:
         """
         if not length:
             raise UsageError("sample_batch() needs a length > 0")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise UsageError(f"the number of samples must be a positive integer, got {count!r}")
-        rng = np.random.default_rng(seed)
+        if isinstance(count, bool) or not isinstance(count, int) \
+                or not 1 <= count <= MAX_BATCH_SAMPLES:
+            raise UsageError(f"the number of samples must be an integer in "
+                             f"1..{MAX_BATCH_SAMPLES}, got {reprlib.repr(count)}")
+        if count * length > MAX_BATCH_CHARS:
+            raise UsageError(f"{count} samples of {length} characters are more than "
+                             f"{MAX_BATCH_CHARS:,} characters in memory at once; "
+                             f"generate long text one sample at a time")
+        rng = _generator(seed)
         steps = list(generate_ids(self.model, self._prime_ids(prime), length, rng,
                                   temperature=temperature, top_k=top_k, top_p=top_p,
                                   argmax=argmax, batch=count))
@@ -110,9 +124,21 @@ class LanguageModel:
     def _prime_ids(self, prime):
         if prime is None or prime == "":
             return default_prime_ids(self.vocab)
-        return self.vocab.encode(prime)
+        try:
+            return self.vocab.encode(prime)
+        except DataError as error:
+            raise DataError(f"the prime cannot be used: {error}") from None
 
     def __repr__(self):
         c = self.config
         return (f"LanguageModel({c.cell} {c.layers}x{c.hidden}, vocabulary {self.vocab.size}, "
                 f"{self.model.num_parameters:,} parameters)")
+
+
+def _generator(seed):
+    """numpy's Generator for ``seed`` (None: fresh entropy); UsageError for a
+    seed numpy refuses, such as a negative number."""
+    try:
+        return np.random.default_rng(seed)
+    except (TypeError, ValueError):
+        raise UsageError(f"seed must be a non-negative integer, got {reprlib.repr(seed)}") from None

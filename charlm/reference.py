@@ -156,11 +156,14 @@ def layer_forward(cell, p, layer, inputs, h0, c0):
     return LayerRun(inputs, h, c, caches, None, np.stack(h[1:]))
 
 
-def layer_backward(cell, p, grads, layer, run, dh_out):
+def layer_backward(cell, p, grads, layer, run, dh_out, watch=None):
     """Truncated BPTT through one layer.
 
     dh_out (T, B, H): dL/dh_t arriving from above (before the recurrence).
     Accumulates the layer's parameter gradients into `grads`.
+    watch: None, or a function called at each step t (going backwards) as
+        watch(t, dL/dh_t in total, dL/dc_t carried back from step t+1 or None);
+        charlm.diagnostics records the gradient flow through time with it.
     Returns (dL/d inputs as (T, B, H), or None for layer 0; dL/dh_0; dL/dc_0 or None).
     """
     W_ih, b_ih, W_hh, b_hh = _layer_weights(p, layer)
@@ -173,6 +176,8 @@ def layer_backward(cell, p, grads, layer, run, dh_out):
     d_inputs = [None] * T
     for t in reversed(range(T)):
         dh = dh_out[t] + dh_next                # h_t feeds the layer above and step t+1
+        if watch is not None:
+            watch(t, dh, dc_next)
         da_x, da_h, dh_prev, dc_next = step_backward(dh, dc_next, run.step_caches[t])
         # a_h = W_hh h_{t-1} + b_hh
         dh_next = dh_prev + affine_backward(da_h, W_hh, run.h[t], dW_hh, db_hh)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, evaluate
+from . import checkpoint, diagnostics, evaluate
 from .evaluate import LOG2_E
 from .data import BatchStream, prepare_corpus
 from .errors import CharlmError, DataError, ModelFileError, UsageError
@@ -83,6 +83,7 @@ class TrainOptions:
     dtype: str = "float32"
     encoding: str = "utf-8"
     errors: str = "strict"
+    record_decay: bool = False      # the gradient's decay factor at each evaluation
 
     # What must stay the same when a run is resumed: the model, the data
     # and the optimiser whose state is stored.
@@ -108,6 +109,8 @@ class TrainOptions:
         _real_in("val_frac", self.val_frac, 0, 0.5)
         _real_in("max_epochs", self.max_epochs, 0, 1e9)
         _real_in("max_time", self.max_time, 0, 1e9)
+        if not isinstance(self.record_decay, bool):
+            raise UsageError(f"record_decay must be true or false, got {self.record_decay!r}")
         if self.schedule in ("cosine", "linear") and not self.max_steps:
             raise UsageError(f"the {self.schedule} schedule decays over --max-steps; give it")
         return self
@@ -198,6 +201,11 @@ class Trainer:
         loaded = None
         if resume is not None:
             loaded = checkpoint.load(resume)
+            if "optim" not in loaded.meta or "progress" not in loaded.meta:
+                raise ModelFileError(
+                    f"{resume}: a model file, not a training checkpoint (it holds no "
+                    f"optimiser state or progress); resume from the file given as --out, "
+                    f"not from its .best copy or a saved model")
             options = _resumed_options(loaded.meta, options, overrides)
         elif os.path.exists(self.paths["checkpoint"]) and not force:
             raise UsageError(f"{self.paths['checkpoint']} exists; continue it with "
@@ -206,7 +214,8 @@ class Trainer:
         _check_output_dir(self.paths["checkpoint"])
         self.corpus = prepare_corpus(corpus_path, self.paths["corpus"], options.encoding,
                                      options.errors, options.val_frac)
-        self.stream = BatchStream(self.corpus.train_ids, options.batch_size, options.seq_length)
+        self.stream = BatchStream(self.corpus.train_ids, options.batch_size, options.seq_length,
+                                  path=self.corpus.train_path)
         if loaded is None:
             self._start_fresh()
         else:
@@ -222,6 +231,8 @@ class Trainer:
         self.rng = np.random.default_rng(o.seed)
         self.state = self.model.zero_state(o.batch_size)
         self.progress = Progress()
+        if os.path.exists(self.paths["metrics"]):   # --force: a new run starts a new log
+            os.remove(self.paths["metrics"])
 
     def _restore(self, loaded):
         meta, o = loaded.meta, self.options
@@ -344,6 +355,9 @@ class Trainer:
             val = evaluate.score(self.model, self.corpus.val_ids)
             record["val_nats"] = val.nats_per_char
             record["val_bpc"] = val.bits_per_char
+            if self.options.record_decay:
+                record.update(diagnostics.training_record(self.model, self.corpus.val_ids,
+                                                          self.options.seed))
         p.train_seconds += window.seconds
         record["train_seconds"] = round(p.train_seconds, 3)
         window.reset()
@@ -501,6 +515,8 @@ def _format_record(r):
     if "chars_per_sec" in r:
         parts.append(f"{r['chars_per_sec']:,.0f} char/s")
         parts.append(f"|g| {r['grad_norm_mean']:.2f} clipped {100 * r['clipped_frac']:.0f}%")
+    if "decay_h" in r:
+        parts.append(diagnostics.format_training_record(r))
     return " | ".join(parts)
 
 

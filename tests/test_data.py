@@ -71,7 +71,7 @@ def test_no_validation_gives_an_empty_val_array(tmp_path):
 
 def test_ids_are_compact_read_only_memory_maps(tmp_path):
     corpus = prepare(tmp_path, MIXED_TEXT)
-    assert isinstance(corpus.train_ids, np.memmap)
+    assert corpus.train_ids.base is not None       # a view on the mapped file, not a copy
     assert corpus.train_ids.dtype == np.uint8
     with pytest.raises(ValueError):
         corpus.train_ids[0] = 1
@@ -356,3 +356,41 @@ def test_stream_over_a_prepared_corpus(tmp_path):
     length = corpus.n_train // 3
     assert corpus.vocab.decode(x[:, 1]) == MIXED_TEXT[length:length + 8]
     assert corpus.vocab.decode(y[:, 1]) == MIXED_TEXT[length + 1:length + 9]
+
+
+def test_stream_reading_the_id_file_gives_the_same_chunks(tmp_path):
+    corpus = prepare(tmp_path, MIXED_TEXT * 40, val_frac=0)
+    mapped = BatchStream(corpus.train_ids, batch_size=5, seq_length=7)
+    pread = BatchStream(corpus.train_ids, batch_size=5, seq_length=7, path=corpus.train_path)
+    for _ in range(mapped.chunks_per_epoch + 3):          # across an epoch boundary
+        for a, b in zip(mapped.next_chunk(), pread.next_chunk()):
+            np.testing.assert_array_equal(a, b)
+
+
+def _resident_file_kb():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_training_and_validation_reads_keep_the_corpus_out_of_resident_memory(tmp_path):
+    """Streams spread over the file would map all of it (a fault can map a
+    2 MB folio); pread and release_pages keep the resident set flat."""
+    from charlm.data import release_pages
+    rng = np.random.default_rng(0)
+    text = rng.integers(ord("a"), ord("i"), 12_000_000, dtype=np.uint8).tobytes().decode()
+    corpus = prepare(tmp_path, text, val_frac=0.5)        # 6 MB of ids on each side
+    before = _resident_file_kb()
+    stream = BatchStream(corpus.train_ids, 64, 64, path=corpus.train_path)
+    for _ in range(50):
+        stream.next_chunk()
+    assert _resident_file_kb() - before < 3_000
+    ids = corpus.val_ids
+    total = 0
+    for start in range(0, len(ids), 1 << 20):         # as the evaluator reads
+        total += int(ids[start:start + (1 << 20)].sum())
+        release_pages(ids)
+    assert _resident_file_kb() - before < 3_000
+    assert total == int(corpus.val_ids.sum(dtype=np.int64))

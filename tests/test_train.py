@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import charlm
 from charlm import checkpoint
 from charlm.cli import main
-from charlm.errors import DataError, UsageError
+from charlm.errors import DataError, ModelFileError, UsageError
 from charlm.train import TrainingDiverged, Trainer, TrainOptions, output_paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +94,9 @@ def test_resume_refuses_a_different_model_or_text(tmp_path):
     other = make_corpus(tmp_path / "other", seed=5)
     with pytest.raises(DataError, match="not the text"):
         run(other, out, small_options(), resume=str(out))
+    best = tmp_path / "m.best.safetensors"         # weights only: nothing to resume
+    with pytest.raises(ModelFileError, match="not a training checkpoint"):
+        run(corpus, tmp_path / "again.safetensors", small_options(), resume=str(best))
 
 
 def test_existing_output_is_not_replaced_without_force(tmp_path):
@@ -106,6 +109,8 @@ def test_existing_output_is_not_replaced_without_force(tmp_path):
     assert out.read_bytes() == before
     run(corpus, out, small_options(max_steps=10, seed=3), force=True)
     assert out.read_bytes() != before
+    metrics = (tmp_path / "m.metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 1                    # the replaced run's log went with it
 
 
 def test_non_finite_loss_never_reaches_a_saved_model(tmp_path, monkeypatch):
