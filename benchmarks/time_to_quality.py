@@ -41,6 +41,8 @@ CANDIDATES = {
     "gru-2x256": dict(cell="gru", layers=2, hidden=256, batch_size=64, seq_length=64),
     "gru-2x256-cosine": dict(cell="gru", layers=2, hidden=256, batch_size=64, seq_length=64,
                              schedule="cosine", lr=3e-3),
+    "gru-2x256-cosine-dropout": dict(cell="gru", layers=2, hidden=256, batch_size=64,
+                                     seq_length=64, schedule="cosine", lr=3e-3, dropout=0.2),
     "gru-2x384-cosine": dict(cell="gru", layers=2, hidden=384, batch_size=64, seq_length=64,
                              schedule="cosine", lr=3e-3, dropout=0.1),
     "lstm-2x256-cosine": dict(cell="lstm", layers=2, hidden=256, batch_size=64, seq_length=64,

@@ -235,11 +235,12 @@ def check_options(span, windows, burn_in, seed=0):
     """UsageError unless the measurement options are whole numbers in range."""
     for name, value, low, high in (("--span", span, 1, MAX_SPAN),
                                    ("--windows", windows, 1, MAX_WINDOWS),
-                                   ("--burn-in", burn_in, 0, MAX_BURN_IN),
-                                   ("--seed", seed, 0, 2**63 - 1)):
+                                   ("--burn-in", burn_in, 0, MAX_BURN_IN)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
                 or not low <= value <= high:
             raise UsageError(f"{name} must be an integer from {low} to {high:,}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
 
 
 def _batch_size(config, span):

@@ -466,6 +466,20 @@ def clip_by_value(grads, limit):
     return clipped
 
 
+def clip_gradients(grads, clip_norm=0.0, clip_value=0.0):
+    """The clipping policy of `charlm train` and `charlm task` (0 turns each
+    off): first by global norm, then by value. Returns (the global norm before
+    clipping, whether anything was clipped). A non-finite norm is returned as
+    it is, for the caller to skip the step; value clipping is not tried then."""
+    if clip_norm:
+        norm, clipped = clip_by_global_norm(grads, clip_norm)
+    else:
+        norm, clipped = global_norm(grads), False
+    if clip_value and math.isfinite(norm):
+        clipped = clip_by_value(grads, clip_value) or clipped
+    return norm, clipped
+
+
 # -- learning-rate schedules -----------------------------------------------------
 
 @dataclass(frozen=True)

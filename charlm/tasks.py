@@ -54,7 +54,7 @@ import numpy as np
 
 from .errors import UsageError
 from .model import CELLS, IGNORE, Config, Model
-from .optim import OPTIMIZERS, clip_by_global_norm, clip_by_value, global_norm, make_optimizer
+from .optim import OPTIMIZERS, clip_gradients, make_optimizer
 
 TASKS = ("copy", "adding")
 MAX_LAG = 2000            # sequences longer than this make a step slow, and say nothing new
@@ -344,7 +344,7 @@ def train(model, task, o):
     for _ in range(o.steps):
         x, y = task.sample(rng, o.batch_size)
         loss, grads, _ = model.loss_and_grads(x, y, state)
-        norm, clipped = _clip(grads, o.clip_norm, o.clip_value)
+        norm, clipped = clip_gradients(grads, o.clip_norm, o.clip_value)
         if not (math.isfinite(norm) and math.isfinite(loss)):
             log.skipped += 1
             streak += 1
@@ -358,17 +358,6 @@ def train(model, task, o):
         log.norms.append(norm)
         log.clipped += clipped
     return log
-
-
-def _clip(grads, clip_norm, clip_value):
-    """Clip as asked (0 = off); returns (global norm before clipping, clipped?)."""
-    if clip_norm:
-        norm, clipped = clip_by_global_norm(grads, clip_norm)
-    else:
-        norm, clipped = global_norm(grads), False
-    if clip_value and math.isfinite(norm):
-        clipped = clip_by_value(grads, clip_value) or clipped
-    return norm, clipped
 
 
 def score(model, sequences, batch_size):

@@ -37,8 +37,7 @@ from .evaluate import LOG2_E
 from .data import BatchStream, prepare_corpus
 from .errors import CharlmError, DataError, ModelFileError, UsageError
 from .model import CELLS, DTYPES, Config, Model, State
-from .optim import OPTIMIZERS, SCHEDULES, Schedule, clip_by_global_norm, clip_by_value, \
-    global_norm, make_optimizer
+from .optim import OPTIMIZERS, SCHEDULES, Schedule, clip_gradients, make_optimizer
 from .sampling import default_prime_ids, generate_ids
 
 # Consecutive non-finite steps tolerated (each skipped) before giving up.
@@ -307,7 +306,7 @@ class Trainer:
             self.state = self.model.zero_state(o.batch_size)
         loss, grads, next_state = self.model.loss_and_grads(
             x, y, self.state, dropout=o.dropout, rng=self.rng)
-        norm, clipped = self._clip(grads)
+        norm, clipped = clip_gradients(grads, self.options.clip_norm, self.options.clip_value)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self._skip_nonfinite(loss, norm)
             return loss, False
@@ -320,17 +319,6 @@ class Trainer:
         self._nonfinite_streak = 0
         window.add(loss, norm, clipped, x.size, time.perf_counter() - tick)
         return loss, True
-
-    def _clip(self, grads):
-        """Clip as configured; returns (global norm before clipping, clipped?)."""
-        o = self.options
-        if o.clip_norm:
-            norm, clipped = clip_by_global_norm(grads, o.clip_norm)
-        else:
-            norm, clipped = global_norm(grads), False
-        if o.clip_value and math.isfinite(norm):
-            clipped = clip_by_value(grads, o.clip_value) or clipped
-        return norm, clipped
 
     def _skip_nonfinite(self, loss, norm):
         """Skip the update: the parameters stay as they were, the carried

@@ -56,6 +56,7 @@ TINY = ["--hidden", "8", "--layers", "1", "--batch-size", "2", "--seq-length", "
 TRAIN_QUICK = TINY + ["--max-steps", "2", "--max-epochs", "1", "--eval-every", "50",
                       "--sample-every", "0", "--no-progress", "--threads", "1"]
 GRADIENTS_QUICK = ["--span", "4", "--windows", "2", "--burn-in", "2"]
+TASK_QUICK = ["copy", "--lag", "3", "--steps", "2", "--hidden", "4", "--eval-sequences", "8"]
 
 
 # --- the world: files every case reads ----------------------------------------------
@@ -322,6 +323,15 @@ COMMANDS = {
                  Numeric("--burn-in", int, 0, 100_000), Numeric("--seed", int, 0, math.inf),
                  Numeric("--threads", int, 0, 1024)),
         encoding_options=True),
+    "task": Command(                # no text or model file: its own data, its own model
+        "task",
+        base=lambda w, d: ["task", *TASK_QUICK],
+        options=(Numeric("--lag", int, 1, 2000), Numeric("--hidden", int, 1, 4096),
+                 Numeric("--layers", int, 1, 8), Numeric("--steps", int, 1, 10**7),
+                 Numeric("--batch-size", int, 1, 4096), Numeric("--lr", float, 0, 10, low_open=True),
+                 Numeric("--clip-norm", float, 0, 1e12), Numeric("--clip-value", float, 0, 1e12),
+                 Numeric("--seed", int, 0, 2**63 - 1), Numeric("--eval-sequences", int, 1, 10**6),
+                 Numeric("--threads", int, 0, 1024))),
 }
 
 
@@ -660,8 +670,8 @@ def test_every_command_is_in_the_matrix():
                              timeout=TIMEOUT).stdout
     commands = re.findall(r"^  (\w[\w-]*)  ", listing.split("Commands:")[1], re.MULTILINE)
     assert commands and set(commands) == set(COMMANDS)
-    for command in COMMANDS.values():
-        assert command.with_text or command.with_model
+    for command in COMMANDS.values():     # each reads a file of the user's, or has options
+        assert command.with_text or command.with_model or command.options
 
 
 # --- output that cannot be written ---------------------------------------------------------
