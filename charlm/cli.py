@@ -134,6 +134,13 @@ def _output_failed(error):
     sys.exit(3)
 
 
+def _decorate(function, options):
+    """Apply click decorators listed top to bottom, as if stacked above `function`."""
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 @click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="charlm")
 def main():
@@ -202,9 +209,7 @@ def _train_options(function):
         click.option("--errors", default=d.errors, show_default=True,
                      help="What to do with undecodable bytes: strict, replace, ignore..."),
     ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+    return _decorate(function, options)
 
 
 @main.command()
@@ -476,9 +481,7 @@ def _task_options(function):
                      help="BLAS threads; 0: BLAS's default (slower for models this small)."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
     ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+    return _decorate(function, options)
 
 
 @main.command()

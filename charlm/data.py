@@ -421,14 +421,20 @@ def _open_ids(path, dtype, length):
         return empty
     try:
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size != length * dtype.itemsize:
-                raise DataError(f"{path}: the id file does not hold {length} ids; "
-                                f"delete it to have it prepared again")
+            _check_id_file_size(f.fileno(), path, dtype, length)
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as error:
         raise DataError(f"{path}: cannot map the id file: {error}") from None
     mapping.madvise(mmap.MADV_RANDOM)       # no read-ahead: see the module docstring
     return np.frombuffer(mapping, dtype=dtype, count=length)
+
+
+def _check_id_file_size(fd, path, dtype, length):
+    """DataError unless the open id file holds exactly `length` ids: what is
+    read from it must never run past its end."""
+    if os.fstat(fd).st_size != length * dtype.itemsize:
+        raise DataError(f"{path}: the id file does not hold {length} ids; "
+                        f"delete it to have it prepared again")
 
 
 def release_pages(ids):
@@ -550,9 +556,11 @@ class _IdReader:
     def __init__(self, path, dtype, length):
         self.dtype = np.dtype(dtype)
         self.fd = os.open(path, os.O_RDONLY)
-        if os.fstat(self.fd).st_size != length * self.dtype.itemsize:
+        try:
+            _check_id_file_size(self.fd, path, self.dtype, length)
+        except DataError:
             os.close(self.fd)
-            raise DataError(f"{path}: the id file does not hold {length} ids")
+            raise
 
     def windows(self, start, stride, count, width):
         """ids[b*stride + start : ... + width] for b < count, as (count, width) int32."""
