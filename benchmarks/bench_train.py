@@ -29,6 +29,7 @@ Run from the repository root (charlm built in place):
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -51,6 +52,7 @@ import scipy.linalg.blas        # noqa: E402
 import charlm                   # noqa: E402
 from charlm.errors import UsageError   # noqa: E402
 from charlm.model import Config, Model  # noqa: E402
+from charlm.parallel import DataParallel, single_threaded_blas, worker_count  # noqa: E402
 from torch_twin import torch_twin  # noqa: E402
 
 CLIP_NORM = 5.0
@@ -180,12 +182,17 @@ def charlm_optimiser_api():
 
 
 class CharlmTrainer:
-    def __init__(self, cfg, vocab_size, dtype, chunks, optimiser_api):
+    """charlm's training step as `charlm train` runs it: `threads` workers, each
+    on a share of the batch (charlm.parallel), with BLAS on one thread each."""
+
+    def __init__(self, cfg, vocab_size, dtype, chunks, optimiser_api, threads):
         self.units_per_step = cfg.seq * cfg.batch
         make_optimizer, self.clip, _ = optimiser_api
         config = Config(vocab_size=vocab_size, cell=cfg.cell, hidden=cfg.hidden,
                         layers=cfg.layers, dtype=dtype)
         self.model = Model(config, seed=0)
+        self.workers = worker_count(threads, cfg.batch)
+        self.parallel = DataParallel(self.model, self.workers)
         self.optimiser = make_optimizer("adam", self.model.params, LEARNING_RATE)
         self.chunks = chunks
         self.state = self.model.zero_state(cfg.batch)
@@ -194,10 +201,13 @@ class CharlmTrainer:
     def step(self):
         x, y = self.chunks[self.cursor % len(self.chunks)]
         self.cursor += 1
-        loss, grads, self.state = self.model.loss_and_grads(x, y, self.state)
+        loss, grads, self.state = self.parallel.loss_and_grads(x, y, self.state)
         self.clip(grads, CLIP_NORM)       # scales `grads` in place when over the limit
         self.optimiser.step(grads)
         return loss
+
+    def blas_context(self):
+        return single_threaded_blas(self.workers)
 
 
 # ---------------------------------------------------------------------------
@@ -249,18 +259,24 @@ def import_torch(threads):
 # Timing
 # ---------------------------------------------------------------------------
 
+def blas_context(contender):
+    """The BLAS thread setting a contender runs under (charlm: one per worker)."""
+    return getattr(contender, "blas_context", contextlib.nullcontext)()
+
+
 def time_block(contender, steps, budget=math.inf):
     """Run up to `steps` steps; stop early once `budget` seconds have passed,
     so that a block sized while the machine was quiet cannot run for minutes
     when it gets busy. Returns (steps run, seconds)."""
-    start = time.perf_counter()
-    done = 0
-    while done < steps:
-        contender.step()
-        done += 1
-        if time.perf_counter() - start > budget:
-            break
-    return done, time.perf_counter() - start
+    with blas_context(contender):
+        start = time.perf_counter()
+        done = 0
+        while done < steps:
+            contender.step()
+            done += 1
+            if time.perf_counter() - start > budget:
+                break
+        return done, time.perf_counter() - start
 
 
 def steps_per_block(contender, timing):
@@ -310,18 +326,21 @@ class GemmProbe:
         self.gemm(1.0, self.W.T, self.h.T, beta=1.0, c=self.gates.T, trans_a=1, overwrite_c=1)
 
 
-def bench_config(cfg, ids, vocab_size, dtype, timing, torch, optimiser_api, log):
+def bench_config(cfg, ids, vocab_size, dtype, timing, torch, optimiser_api, log, threads):
     """Interleaved rounds of: K charlm steps, K' torch steps and the two sgemm
     probes, so that whatever else the machine is doing hits all four alike."""
     chunks = make_chunks(ids, cfg, N_CHUNKS)
-    ours = CharlmTrainer(cfg, vocab_size, dtype, chunks, optimiser_api)
+    ours = CharlmTrainer(cfg, vocab_size, dtype, chunks, optimiser_api, threads)
     G = ours.model.config.gates
     rng = np.random.default_rng(1)
     contenders = {"charlm": ours}
     if torch is not None:
         contenders["torch"] = TorchTrainer(torch, cfg, vocab_size, dtype, chunks, ours.model)
     # Both start from the same weights, so their first losses must agree.
-    first_loss = {name: float(trainer.step()) for name, trainer in contenders.items()}
+    first_loss = {}
+    for name, trainer in contenders.items():
+        with blas_context(trainer):
+            first_loss[name] = float(trainer.step())
     contenders["gemm_step"] = GemmProbe(cfg.batch, cfg.hidden, G, dtype, rng)
     contenders["gemm_rows"] = GemmProbe(cfg.batch * cfg.seq, cfg.hidden, G, dtype, rng)
     steps = {name: steps_per_block(c, timing) for name, c in contenders.items()}
@@ -465,7 +484,7 @@ def run(args):
     for cfg in configs:
         log(f"{cfg.label}:")
         results.append(bench_config(cfg, ids, vocab_size, args.dtype, timing, torch,
-                                    optimiser_api, log))
+                                    optimiser_api, log, args.threads))
     header = header_lines(args.threads, thread_note, args.dtype, torch, data_note,
                           optimiser_api[2], load_before)
     print("\n".join(header + [""] + markdown_table(results)))

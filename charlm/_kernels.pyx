@@ -24,6 +24,7 @@ the loops run without bounds checks, so this is the memory-safety boundary.
 
 from libc.math cimport exp, expf, tanh, tanhf, log, logf
 from libc.string cimport memset, memcpy
+from libc.stdlib cimport malloc, free
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 # A target id meaning "no loss at this position" (as PyTorch's ignore_index).
@@ -120,6 +121,70 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k,
     else:
         dgemm(&tb, &ta, &n, &m, &k, &alpha, <double*>b, &ldb, <double*>a, &lda,
               &beta, c, &ldc)
+
+
+cdef extern from "_packed_gemm.h":
+    # Products against a right-hand side packed once (see the header).
+    size_t charlm_packed_size_f(int K, int N) noexcept nogil
+    size_t charlm_packed_size_d(int K, int N) noexcept nogil
+    void charlm_pack_f(int K, int N, const float* b, Py_ssize_t stride_k,
+                       Py_ssize_t stride_n, float* packed) noexcept nogil
+    void charlm_pack_d(int K, int N, const double* b, Py_ssize_t stride_k,
+                       Py_ssize_t stride_n, double* packed) noexcept nogil
+    void charlm_packed_gemm_f(int M, int N, int K, const float* a, int lda,
+                              const float* packed, int accumulate, float* c,
+                              int ldc) noexcept nogil
+    void charlm_packed_gemm_d(int M, int N, int K, const double* a, int lda,
+                              const double* packed, int accumulate, double* c,
+                              int ldc) noexcept nogil
+
+
+cdef real* pack(const real* b, int K, int N, Py_ssize_t stride_k,
+                Py_ssize_t stride_n) except NULL:
+    """Pack the K x N matrix whose (k, n) element is b[k*stride_k + n*stride_n]
+    for packed_gemm; the caller frees it.
+
+    The recurrences multiply by the same W_hh at every time step. BLAS would
+    repack it on each call, which for a (B,H)@(H,G) product with B ~ 32 costs
+    as much as the arithmetic; packing it once per chunk made that product
+    1.5-2x faster on one core (benchmarks/README.md).
+    """
+    cdef real* packed
+    if real is float:
+        packed = <real*>malloc(charlm_packed_size_f(K, N) * sizeof(real))
+        if packed != NULL:
+            charlm_pack_f(K, N, b, stride_k, stride_n, packed)
+    else:
+        packed = <real*>malloc(charlm_packed_size_d(K, N) * sizeof(real))
+        if packed != NULL:
+            charlm_pack_d(K, N, b, stride_k, stride_n, packed)
+    if packed == NULL:
+        raise MemoryError("cannot allocate the packed weights")
+    return packed
+
+
+cdef inline void packed_gemm(int m, int n, int k, const real* a, int lda,
+                             const real* packed, bint accumulate,
+                             real* c, int ldc) noexcept nogil:
+    """Row-major C[m,n] (+)= A[m,k] @ B[k,n], B packed by pack()."""
+    if real is float:
+        charlm_packed_gemm_f(m, n, k, a, lda, packed, accumulate, c, ldc)
+    else:
+        charlm_packed_gemm_d(m, n, k, a, lda, packed, accumulate, c, ldc)
+
+
+def packed_matmul(const real[:, ::1] a, const real[:, ::1] b, real[:, ::1] out,
+                  bint accumulate=False):
+    """out (+)= a @ b through pack() and packed_gemm(), as the recurrences use
+    them: a (M, K), b (K, N), out (M, N). Exposed for the tests."""
+    cdef int M = a.shape[0], K = a.shape[1], N = b.shape[1]
+    cdef real* b_packed
+    _require(M >= 1 and K >= 1 and N >= 1 and b.shape[0] == K
+             and _shape(out, 2) == (M, N), "packed_matmul: shape mismatch")
+    b_packed = pack(&b[0, 0], K, N, N, 1)
+    with nogil:
+        packed_gemm(M, N, K, &a[0, 0], K, b_packed, accumulate, &out[0, 0], N)
+    free(b_packed)
 
 
 cdef inline void column_sums(const real* x, int rows, int cols, real* out) noexcept nogil:
@@ -268,21 +333,25 @@ def rnn_forward(bint relu, real[:, :, ::1] gates, const real[:, ::1] W_hh,
     cdef int t, b, j
     cdef real* pre
     cdef real* h_new
+    cdef real* W_hhT
     _check_recurrence(T, B, H, H, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
-    with nogil:
-        for t in range(T):
-            # gates[t] += h[t] @ W_hh.T            (B,H) += (B,H) @ (H,H)
-            gemm(False, True, B, H, H, 1, &h[t, 0, 0], H, &W_hh[0, 0], H,
-                 1, &gates[t, 0, 0], H)
-            for b in range(B):
-                pre = &gates[t, b, 0]
-                h_new = &h[t + 1, b, 0]
-                if relu:
-                    for j in range(H):
-                        h_new[j] = pre[j] if pre[j] > 0 else 0
-                else:
-                    for j in range(H):
-                        h_new[j] = tanh_(pre[j])
+    W_hhT = pack(&W_hh[0, 0], H, H, 1, H)     # W_hh.T (H, H), packed
+    try:
+        with nogil:
+            for t in range(T):
+                # gates[t] += h[t] @ W_hh.T        (B,H) += (B,H) @ (H,H)
+                packed_gemm(B, H, H, &h[t, 0, 0], H, W_hhT, True, &gates[t, 0, 0], H)
+                for b in range(B):
+                    pre = &gates[t, b, 0]
+                    h_new = &h[t + 1, b, 0]
+                    if relu:
+                        for j in range(H):
+                            h_new[j] = pre[j] if pre[j] > 0 else 0
+                    else:
+                        for j in range(H):
+                            h_new[j] = tanh_(pre[j])
+    finally:
+        free(W_hhT)
 
 
 def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
@@ -304,27 +373,32 @@ def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
     cdef const real* up
     cdef real* carry
     cdef real* dpre
+    cdef real* W_hh_packed
     _check_recurrence(T, B, H, H, (_shape(dgates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(dh_carry, 2) == (B, H), "dh_carry must be (B, H)")
-    with nogil:
-        for t in range(T - 1, -1, -1):
-            for b in range(B):
-                h_t = &h[t + 1, b, 0]
-                up = &dh_out[t, b, 0]
-                carry = &dh_carry[b, 0]
-                dpre = &dgates[t, b, 0]
-                for j in range(H):
-                    dh = up[j] + carry[j]
-                    if relu:
-                        dpre[j] = dh if h_t[j] > 0 else 0
-                    else:
-                        dpre[j] = dh * (1 - h_t[j] * h_t[j])
-            # dh_carry = dgates[t] @ W_hh          (B,H) = (B,H) @ (H,H)
-            gemm(False, False, B, H, H, 1, &dgates[t, 0, 0], H, &W_hh[0, 0], H,
-                 0, &dh_carry[0, 0], H)
-        # dW_hh = dgates.T @ h[:T]                 (H,H) = (H,N) @ (N,H)
-        gemm(True, False, H, H, T * B, 1, &dgates[0, 0, 0], H, &h[0, 0, 0], H,
-             0, &dW_hh[0, 0], H)
+    W_hh_packed = pack(&W_hh[0, 0], H, H, H, 1)     # W_hh (H, H), packed
+    try:
+        with nogil:
+            for t in range(T - 1, -1, -1):
+                for b in range(B):
+                    h_t = &h[t + 1, b, 0]
+                    up = &dh_out[t, b, 0]
+                    carry = &dh_carry[b, 0]
+                    dpre = &dgates[t, b, 0]
+                    for j in range(H):
+                        dh = up[j] + carry[j]
+                        if relu:
+                            dpre[j] = dh if h_t[j] > 0 else 0
+                        else:
+                            dpre[j] = dh * (1 - h_t[j] * h_t[j])
+                # dh_carry = dgates[t] @ W_hh      (B,H) = (B,H) @ (H,H)
+                packed_gemm(B, H, H, &dgates[t, 0, 0], H, W_hh_packed, False,
+                            &dh_carry[0, 0], H)
+            # dW_hh = dgates.T @ h[:T]             (H,H) = (H,N) @ (N,H)
+            gemm(True, False, H, H, T * B, 1, &dgates[0, 0, 0], H, &h[0, 0, 0], H,
+                 0, &dW_hh[0, 0], H)
+    finally:
+        free(W_hh_packed)
 
 
 # ---------------------------------------------------------------------------
@@ -400,18 +474,22 @@ def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     cdef int T = gates.shape[0], B = gates.shape[1], H = h.shape[2], G = 4 * H
     cdef int t, b
     cdef const real* w_peep
+    cdef real* W_hhT
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(c, 3) == (T + 1, B, H) and _shape(tanh_c, 3) == (T, B, H),
              "c must be (T+1, B, H) and tanh_c (T, B, H)")
     w_peep = _peep_pointer(peep, H)
-    with nogil:
-        for t in range(T):
-            # gates[t] += h[t] @ W_hh.T            (B,4H) += (B,H) @ (H,4H)
-            gemm(False, True, B, G, H, 1, &h[t, 0, 0], H, &W_hh[0, 0], H,
-                 1, &gates[t, 0, 0], G)
-            for b in range(B):
-                lstm_units(H, &gates[t, b, 0], &c[t, b, 0], &c[t + 1, b, 0],
-                           &tanh_c[t, b, 0], &h[t + 1, b, 0], w_peep)
+    W_hhT = pack(&W_hh[0, 0], H, G, 1, H)     # W_hh.T (H, 4H), packed
+    try:
+        with nogil:
+            for t in range(T):
+                # gates[t] += h[t] @ W_hh.T        (B,4H) += (B,H) @ (H,4H)
+                packed_gemm(B, G, H, &h[t, 0, 0], H, W_hhT, True, &gates[t, 0, 0], G)
+                for b in range(B):
+                    lstm_units(H, &gates[t, b, 0], &c[t, b, 0], &c[t + 1, b, 0],
+                               &tanh_c[t, b, 0], &h[t + 1, b, 0], w_peep)
+    finally:
+        free(W_hhT)
 
 
 def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
@@ -454,6 +532,7 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
     cdef real* dw_ci = NULL
     cdef real* dw_cf = NULL
     cdef real* dw_co = NULL
+    cdef real* W_hh_packed
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(c, 3) == (T + 1, B, H) and _shape(tanh_c, 3) == (T, B, H)
              and _shape(dgates, 3) == (T, B, G)
@@ -469,58 +548,62 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
         dw_cf = dw_ci + H
         dw_co = dw_ci + 2 * H
         memset(dw_ci, 0, 3 * H * sizeof(real))
-    with nogil:
-        for t in range(T - 1, -1, -1):
-            for b in range(B):
-                i = &gates[t, b, 0]
-                f = i + H
-                g = i + 2 * H
-                o = i + 3 * H
-                di = &dgates[t, b, 0]
-                df = di + H
-                dg = di + 2 * H
-                do = di + 3 * H
-                c_prev = &c[t, b, 0]
-                c_t = &c[t + 1, b, 0]
-                tcs = &tanh_c[t, b, 0]
-                up = &dh_out[t, b, 0]
-                dh_c = &dh_carry[b, 0]
-                dc_c = &dc_carry[b, 0]
-                # One equation per loop, so that gcc vectorises each (see
-                # lstm_units). dh_c and dc_c become dL/dh_t and dL/dc_t here,
-                # then dL/dc_{t-1}; dh_carry is overwritten by the GEMM below.
-                for j in range(H):        # dh = from above + from step t+1
-                    dh_c[j] += up[j]
-                for j in range(H):        # d pre_o, from h_t = o * tanh(c_t)
-                    do[j] = dh_c[j] * tcs[j] * o[j] * (1 - o[j])
-                for j in range(H):        # dc = carried + through h_t
-                    dc_c[j] += dh_c[j] * o[j] * (1 - tcs[j] * tcs[j])
-                if w_co != NULL:
-                    for j in range(H):    # + through the peephole into o
-                        dc_c[j] += do[j] * w_co[j]
-                for j in range(H):        # d pre_i
-                    di[j] = dc_c[j] * g[j] * i[j] * (1 - i[j])
-                for j in range(H):        # d pre_f
-                    df[j] = dc_c[j] * c_prev[j] * f[j] * (1 - f[j])
-                for j in range(H):        # d pre_g
-                    dg[j] = dc_c[j] * i[j] * (1 - g[j] * g[j])
-                for j in range(H):        # dL/dc_{t-1}, through c_t = f * c_{t-1} + ...
-                    dc_c[j] *= f[j]
-                if w_ci != NULL:
-                    for j in range(H):    # ... and through the peepholes into i, f
-                        dc_c[j] += di[j] * w_ci[j] + df[j] * w_cf[j]
-                    for j in range(H):    # the peephole weights' own gradients
-                        dw_ci[j] += di[j] * c_prev[j]
-                    for j in range(H):
-                        dw_cf[j] += df[j] * c_prev[j]
-                    for j in range(H):
-                        dw_co[j] += do[j] * c_t[j]
-            # dh_carry = dgates[t] @ W_hh          (B,H) = (B,4H) @ (4H,H)
-            gemm(False, False, B, H, G, 1, &dgates[t, 0, 0], G, &W_hh[0, 0], H,
-                 0, &dh_carry[0, 0], H)
-        # dW_hh = dgates.T @ h[:T]                 (4H,H) = (4H,N) @ (N,H)
-        gemm(True, False, G, H, T * B, 1, &dgates[0, 0, 0], G, &h[0, 0, 0], H,
-             0, &dW_hh[0, 0], H)
+    W_hh_packed = pack(&W_hh[0, 0], G, H, H, 1)     # W_hh (4H, H), packed
+    try:
+        with nogil:
+            for t in range(T - 1, -1, -1):
+                for b in range(B):
+                    i = &gates[t, b, 0]
+                    f = i + H
+                    g = i + 2 * H
+                    o = i + 3 * H
+                    di = &dgates[t, b, 0]
+                    df = di + H
+                    dg = di + 2 * H
+                    do = di + 3 * H
+                    c_prev = &c[t, b, 0]
+                    c_t = &c[t + 1, b, 0]
+                    tcs = &tanh_c[t, b, 0]
+                    up = &dh_out[t, b, 0]
+                    dh_c = &dh_carry[b, 0]
+                    dc_c = &dc_carry[b, 0]
+                    # One equation per loop, so that gcc vectorises each (see
+                    # lstm_units). dh_c and dc_c become dL/dh_t and dL/dc_t here,
+                    # then dL/dc_{t-1}; dh_carry is overwritten by the GEMM below.
+                    for j in range(H):        # dh = from above + from step t+1
+                        dh_c[j] += up[j]
+                    for j in range(H):        # d pre_o, from h_t = o * tanh(c_t)
+                        do[j] = dh_c[j] * tcs[j] * o[j] * (1 - o[j])
+                    for j in range(H):        # dc = carried + through h_t
+                        dc_c[j] += dh_c[j] * o[j] * (1 - tcs[j] * tcs[j])
+                    if w_co != NULL:
+                        for j in range(H):    # + through the peephole into o
+                            dc_c[j] += do[j] * w_co[j]
+                    for j in range(H):        # d pre_i
+                        di[j] = dc_c[j] * g[j] * i[j] * (1 - i[j])
+                    for j in range(H):        # d pre_f
+                        df[j] = dc_c[j] * c_prev[j] * f[j] * (1 - f[j])
+                    for j in range(H):        # d pre_g
+                        dg[j] = dc_c[j] * i[j] * (1 - g[j] * g[j])
+                    for j in range(H):        # dL/dc_{t-1}, through c_t = f * c_{t-1} + ...
+                        dc_c[j] *= f[j]
+                    if w_ci != NULL:
+                        for j in range(H):    # ... and through the peepholes into i, f
+                            dc_c[j] += di[j] * w_ci[j] + df[j] * w_cf[j]
+                        for j in range(H):    # the peephole weights' own gradients
+                            dw_ci[j] += di[j] * c_prev[j]
+                        for j in range(H):
+                            dw_cf[j] += df[j] * c_prev[j]
+                        for j in range(H):
+                            dw_co[j] += do[j] * c_t[j]
+                # dh_carry = dgates[t] @ W_hh          (B,H) = (B,4H) @ (4H,H)
+                packed_gemm(B, H, G, &dgates[t, 0, 0], G, W_hh_packed, False,
+                            &dh_carry[0, 0], H)
+            # dW_hh = dgates.T @ h[:T]                 (4H,H) = (4H,N) @ (N,H)
+            gemm(True, False, G, H, T * B, 1, &dgates[0, 0, 0], G, &h[0, 0, 0], H,
+                 0, &dW_hh[0, 0], H)
+    finally:
+        free(W_hh_packed)
 
 
 # ---------------------------------------------------------------------------
@@ -565,20 +648,24 @@ def gru_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     """
     cdef int T = gates.shape[0], B = gates.shape[1], H = h.shape[2], G = 3 * H
     cdef int t, b
+    cdef real* W_hhT
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(b_hh.shape[0] == G and _shape(hn, 3) == (T, B, H)
              and _shape(hh, 2) == (B, G), "gru_forward: shape mismatch")
-    with nogil:
-        for t in range(T):
-            for b in range(B):
-                memcpy(&hh[b, 0], &b_hh[0], G * sizeof(real))
-            # hh = h[t] @ W_hh.T + b_hh            (B,3H) += (B,H) @ (H,3H)
-            gemm(False, True, B, G, H, 1, &h[t, 0, 0], H, &W_hh[0, 0], H,
-                 1, &hh[0, 0], G)
-            for b in range(B):
-                gru_units(H, &gates[t, b, 0], &hh[b, 0], &h[t, b, 0], &h[t + 1, b, 0])
-                # kept for the backward pass: W_hn h_{t-1} + b_hn
-                memcpy(&hn[t, b, 0], &hh[b, 2 * H], H * sizeof(real))
+    W_hhT = pack(&W_hh[0, 0], H, G, 1, H)     # W_hh.T (H, 3H), packed
+    try:
+        with nogil:
+            for t in range(T):
+                for b in range(B):
+                    memcpy(&hh[b, 0], &b_hh[0], G * sizeof(real))
+                # hh = h[t] @ W_hh.T + b_hh        (B,3H) += (B,H) @ (H,3H)
+                packed_gemm(B, G, H, &h[t, 0, 0], H, W_hhT, True, &hh[0, 0], G)
+                for b in range(B):
+                    gru_units(H, &gates[t, b, 0], &hh[b, 0], &h[t, b, 0], &h[t + 1, b, 0])
+                    # kept for the backward pass: W_hn h_{t-1} + b_hn
+                    memcpy(&hn[t, b, 0], &hh[b, 2 * H], H * sizeof(real))
+    finally:
+        free(W_hhT)
 
 
 def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
@@ -613,51 +700,56 @@ def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
     cdef const real* h_prev
     cdef const real* up
     cdef real* carry
+    cdef real* W_hh_packed
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(hn, 3) == (T, B, H) and _shape(dh_carry, 2) == (B, H)
              and _shape(dgates_x, 3) == (T, B, G) and _shape(dgates_h, 3) == (T, B, G)
              and _shape(dW_hh, 2) == (G, H) and db_hh.shape[0] == G,
              "gru_backward: shape mismatch")
-    with nogil:
-        for t in range(T - 1, -1, -1):
-            for b in range(B):
-                r = &gates[t, b, 0]
-                z = r + H
-                n = r + 2 * H
-                dxr = &dgates_x[t, b, 0]
-                dxz = dxr + H
-                dxn = dxr + 2 * H
-                dhr = &dgates_h[t, b, 0]
-                dhz = dhr + H
-                dhn = dhr + 2 * H
-                hn_row = &hn[t, b, 0]
-                h_prev = &h[t, b, 0]
-                up = &dh_out[t, b, 0]
-                carry = &dh_carry[b, 0]
-                # One equation per loop, so that gcc vectorises each (see
-                # lstm_forward). carry becomes dL/dh_t, then its direct part
-                # of dL/dh_{t-1}; the GEMM below adds the rest.
-                for j in range(H):        # dh = from above + from step t+1
-                    carry[j] += up[j]
-                for j in range(H):        # d pre_n
-                    dxn[j] = carry[j] * (1 - z[j]) * (1 - n[j] * n[j])
-                for j in range(H):        # d pre_r, through r * (W_hn h + b_hn)
-                    dxr[j] = dxn[j] * hn_row[j] * r[j] * (1 - r[j])
-                for j in range(H):        # d pre_z
-                    dxz[j] = carry[j] * (h_prev[j] - n[j]) * z[j] * (1 - z[j])
-                # r and z see W_hh h + b_hh as they see W_ih x + b_ih; n sees r * it
-                memcpy(dhr, dxr, 2 * H * sizeof(real))
-                for j in range(H):
-                    dhn[j] = dxn[j] * r[j]
-                for j in range(H):        # the direct path h_t <- z * h_{t-1}
-                    carry[j] *= z[j]
-            # dh_carry += dgates_h[t] @ W_hh       (B,H) += (B,3H) @ (3H,H)
-            gemm(False, False, B, H, G, 1, &dgates_h[t, 0, 0], G, &W_hh[0, 0], H,
-                 1, &dh_carry[0, 0], H)
-        # dW_hh = dgates_h.T @ h[:T]               (3H,H) = (3H,N) @ (N,H)
-        gemm(True, False, G, H, T * B, 1, &dgates_h[0, 0, 0], G, &h[0, 0, 0], H,
-             0, &dW_hh[0, 0], H)
-        column_sums(&dgates_h[0, 0, 0], T * B, G, &db_hh[0])
+    W_hh_packed = pack(&W_hh[0, 0], G, H, H, 1)     # W_hh (3H, H), packed
+    try:
+        with nogil:
+            for t in range(T - 1, -1, -1):
+                for b in range(B):
+                    r = &gates[t, b, 0]
+                    z = r + H
+                    n = r + 2 * H
+                    dxr = &dgates_x[t, b, 0]
+                    dxz = dxr + H
+                    dxn = dxr + 2 * H
+                    dhr = &dgates_h[t, b, 0]
+                    dhz = dhr + H
+                    dhn = dhr + 2 * H
+                    hn_row = &hn[t, b, 0]
+                    h_prev = &h[t, b, 0]
+                    up = &dh_out[t, b, 0]
+                    carry = &dh_carry[b, 0]
+                    # One equation per loop, so that gcc vectorises each (see
+                    # lstm_forward). carry becomes dL/dh_t, then its direct part
+                    # of dL/dh_{t-1}; the GEMM below adds the rest.
+                    for j in range(H):        # dh = from above + from step t+1
+                        carry[j] += up[j]
+                    for j in range(H):        # d pre_n
+                        dxn[j] = carry[j] * (1 - z[j]) * (1 - n[j] * n[j])
+                    for j in range(H):        # d pre_r, through r * (W_hn h + b_hn)
+                        dxr[j] = dxn[j] * hn_row[j] * r[j] * (1 - r[j])
+                    for j in range(H):        # d pre_z
+                        dxz[j] = carry[j] * (h_prev[j] - n[j]) * z[j] * (1 - z[j])
+                    # r and z see W_hh h + b_hh as they see W_ih x + b_ih; n sees r * it
+                    memcpy(dhr, dxr, 2 * H * sizeof(real))
+                    for j in range(H):
+                        dhn[j] = dxn[j] * r[j]
+                    for j in range(H):        # the direct path h_t <- z * h_{t-1}
+                        carry[j] *= z[j]
+                # dh_carry += dgates_h[t] @ W_hh       (B,H) += (B,3H) @ (3H,H)
+                packed_gemm(B, H, G, &dgates_h[t, 0, 0], G, W_hh_packed, True,
+                            &dh_carry[0, 0], H)
+            # dW_hh = dgates_h.T @ h[:T]               (3H,H) = (3H,N) @ (N,H)
+            gemm(True, False, G, H, T * B, 1, &dgates_h[0, 0, 0], G, &h[0, 0, 0], H,
+                 0, &dW_hh[0, 0], H)
+            column_sums(&dgates_h[0, 0, 0], T * B, G, &db_hh[0])
+    finally:
+        free(W_hh_packed)
 
 
 # ---------------------------------------------------------------------------

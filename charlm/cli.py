@@ -66,11 +66,15 @@ def _duration(text):
 MAX_THREADS = 1024
 
 
-def _limit_threads(threads):
-    """Set the BLAS thread count for this process (0: leave the default)."""
+def _check_threads(threads):
     if not 0 <= threads <= MAX_THREADS:    # the BLAS library takes a C int, and sanity
         from .errors import UsageError
         raise UsageError(f"--threads must be an integer in 0..{MAX_THREADS}, got {threads}")
+
+
+def _limit_threads(threads):
+    """Set the BLAS thread count for this process (0: leave the default)."""
+    _check_threads(threads)
     if threads:
         from threadpoolctl import threadpool_limits
         return threadpool_limits(limits=threads, user_api="blas")
@@ -201,7 +205,8 @@ def _train_options(function):
         click.option("--sample-length", type=int, default=d.sample_length, show_default=True),
         click.option("--seed", type=int, default=d.seed, show_default=True),
         click.option("--threads", type=int, default=d.threads,
-                     help="BLAS threads; 0: BLAS's default (all cores)."),
+                     help="Worker threads, each training on a share of the batch's "
+                          "streams; 0: one per core."),
         click.option("--dtype", type=click.Choice(tuple(DTYPES)), default=d.dtype,
                      show_default=True),
         click.option("--encoding", default=d.encoding, show_default=True,
@@ -235,14 +240,10 @@ def train(ctx, corpus, out, resume, force, no_progress, **values):
     if out is None:
         stem = os.path.splitext(os.path.basename(os.path.normpath(corpus)))[0] or "model"
         out = resume or os.path.join("runs", stem + ".safetensors")
-    limits = _limit_threads(options.threads)
-    try:
-        trainer = Trainer(corpus, out, options, resume=resume, overrides=overrides,
-                          echo=click.echo, progress_bar=not no_progress, force=force)
-        trainer.run()
-    finally:
-        if limits is not None:
-            limits.restore_original_limits()
+    _check_threads(options.threads)     # the trainer runs its own workers (charlm.parallel)
+    trainer = Trainer(corpus, out, options, resume=resume, overrides=overrides,
+                      echo=click.echo, progress_bar=not no_progress, force=force)
+    trainer.run()
 
 
 # --- sample ----------------------------------------------------------------------

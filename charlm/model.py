@@ -204,6 +204,11 @@ class Model:
         self._workspaces = {}
         self._current = None
 
+    def replica(self):
+        """A Model that shares this one's parameter arrays but has its own
+        gradient and workspace buffers, for passes run on another thread."""
+        return Model(self.config, self.params)
+
     # -- state ---------------------------------------------------------------
 
     def zero_state(self, batch_size):

@@ -37,6 +37,7 @@ from .evaluate import LOG2_E
 from .data import BatchStream, prepare_corpus
 from .errors import CharlmError, DataError, ModelFileError, UsageError
 from .model import CELLS, DTYPES, Config, Model, State
+from .parallel import DataParallel, single_threaded_blas, worker_count
 from .optim import OPTIMIZERS, SCHEDULES, Schedule, clip_gradients, make_optimizer
 from .sampling import default_prime_ids, generate_ids
 
@@ -78,7 +79,7 @@ class TrainOptions:
     sample_every: int = 1000
     sample_length: int = 200
     seed: int = 0
-    threads: int = 0                # 0: leave BLAS's own default
+    threads: int = 0                # worker threads, each on a share of the batch; 0: one per core
     dtype: str = "float32"
     encoding: str = "utf-8"
     errors: str = "strict"
@@ -219,6 +220,8 @@ class Trainer:
             self._start_fresh()
         else:
             self._restore(loaded)
+        self.workers = worker_count(self.options.threads, self.options.batch_size)
+        self.parallel = DataParallel(self.model, self.workers)
 
     # -- setting up ------------------------------------------------------------
 
@@ -262,7 +265,7 @@ class Trainer:
         started = time.perf_counter()
         window = _Window()
         bar = self._bar()
-        with _StopOnSignal() as stop:
+        with _StopOnSignal() as stop, single_threaded_blas(self.workers), self.parallel:
             try:
                 while not stop.requested and not self._done(started):
                     loss, stepped = self._step(schedule, window)
@@ -304,7 +307,7 @@ class Trainer:
         x, y, starts_epoch = self.stream.next_chunk()
         if starts_epoch:
             self.state = self.model.zero_state(o.batch_size)
-        loss, grads, next_state = self.model.loss_and_grads(
+        loss, grads, next_state = self.parallel.loss_and_grads(
             x, y, self.state, dropout=o.dropout, rng=self.rng)
         norm, clipped = clip_gradients(grads, self.options.clip_norm, self.options.clip_value)
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -393,7 +396,8 @@ class Trainer:
                   f"{c.n_val:,} validation), vocabulary {c.vocab.size}")
         self.echo(f"model: {o.cell} {o.layers}x{o.hidden}, {m.num_parameters:,} parameters, "
                   f"{o.dtype}; batch {o.batch_size} x {o.seq_length}, {o.optimizer} lr {o.lr:g}, "
-                  f"{self.stream.chunks_per_epoch:,} steps per epoch{resumed}")
+                  f"{self.stream.chunks_per_epoch:,} steps per epoch{resumed}; "
+                  f"{self.workers} thread{'s' if self.workers > 1 else ''}")
 
     def _bar(self):
         if not self.progress_bar:

@@ -67,11 +67,12 @@ def test_resume_continues_exactly(tmp_path):
     """Stopping after a checkpoint and resuming gives bitwise the same model as
     never stopping: weights, optimiser state, RNG, data position, carried state."""
     corpus = make_corpus(tmp_path)
-    options = small_options(dropout=0.2, max_steps=30)
+    options = small_options(dropout=0.2, max_steps=30, threads=2)    # sharded dropout too
     straight, _ = run(corpus, tmp_path / "a.safetensors", options)
 
-    run(corpus, tmp_path / "b.safetensors", small_options(dropout=0.2, max_steps=20))
-    resumed, _ = run(corpus, tmp_path / "b.safetensors", small_options(dropout=0.2, max_steps=30),
+    run(corpus, tmp_path / "b.safetensors", small_options(dropout=0.2, max_steps=20, threads=2))
+    resumed, _ = run(corpus, tmp_path / "b.safetensors",
+                     small_options(dropout=0.2, max_steps=30, threads=2),
                      resume=str(tmp_path / "b.safetensors"), overrides=["max_steps"])
     assert resumed.progress.step == 30
     for name, p in straight.model.params.items():
@@ -82,6 +83,22 @@ def test_resume_continues_exactly(tmp_path):
     a_hist = [r["val_nats"] for r in straight.progress.history]
     b_hist = [r["val_nats"] for r in resumed.progress.history]
     assert a_hist == b_hist
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_worker_threads_change_only_the_rounding(tmp_path, cell):
+    """--threads 2 splits each batch between two workers (charlm.parallel);
+    the run must follow the single-threaded one up to float32 rounding."""
+    corpus = make_corpus(tmp_path)
+    runs = [run(corpus, tmp_path / f"t{threads}.safetensors",
+                small_options(cell=cell, threads=threads, max_steps=15, eval_every=5))[0]
+            for threads in (1, 2)]
+    assert [t.workers for t in runs] == [1, 2]
+    one, two = ([r["val_nats"] for r in t.progress.history] for t in runs)
+    np.testing.assert_allclose(two, one, rtol=2e-4)
+    for name, p in runs[0].model.params.items():
+        np.testing.assert_allclose(runs[1].model.params[name], p, rtol=1e-3, atol=1e-4,
+                                   err_msg=name)
 
 
 def test_resume_refuses_a_different_model_or_text(tmp_path):

@@ -1,0 +1,149 @@
+/* Matrix products against a right-hand side that is packed once and reused.
+ *
+ * A recurrence multiplies a small state (B x H, B ~ 16..64) by the same
+ * weight matrix at every time step. BLAS's sgemm repacks that matrix into
+ * its own panel layout on every call; for these shapes the repacking costs
+ * as much as the arithmetic (a 32x128 @ 128x512 product ran at ~40 GFLOP/s
+ * on one core, half of what the core can do). Here the kernels pack the
+ * weights once per chunk and every time step is a sweep of one
+ * register-blocked micro-kernel over the packed panels.
+ *
+ * Packed layout: the N columns of B are cut into panels of NR columns (the
+ * last one zero-padded); a panel stores row k of its NR columns contiguously,
+ * k = 0..K-1, so the micro-kernel reads it as one sequential stream.
+ *
+ * The micro-kernel holds an MR x NR block of C in registers (two vectors per
+ * row) and, for each k, broadcasts one element of each of MR rows of A and
+ * multiplies it by the panel's row k: MR*2 fused multiply-adds per 2 loads.
+ * It is written with GCC vector extensions, so the same source compiles to
+ * AVX-512, AVX2+FMA or SSE2, whatever -march allows; the vector width is
+ * that of the widest unit the build targets.
+ *
+ * Only the order of the additions over k differs from a plain dot product
+ * (the sum over k is accumulated in k order, one FMA at a time), so results
+ * match BLAS to rounding.
+ */
+#ifndef CHARLM_PACKED_GEMM_H
+#define CHARLM_PACKED_GEMM_H
+
+#include <stddef.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define CHARLM_VBYTES 64
+#else
+#define CHARLM_VBYTES 32
+#endif
+
+#define CHARLM_MR 6     /* rows of C per micro-kernel call: 2*MR accumulators + 2 panel vectors fit 16 registers */
+
+/* Vector types that may be loaded from any float-aligned address. */
+typedef float charlm_vf __attribute__((vector_size(CHARLM_VBYTES), aligned(4), may_alias));
+typedef double charlm_vd __attribute__((vector_size(CHARLM_VBYTES), aligned(8), may_alias));
+
+#define CHARLM_NR_F (2 * CHARLM_VBYTES / 4)    /* columns per panel, float */
+#define CHARLM_NR_D (2 * CHARLM_VBYTES / 8)    /* columns per panel, double */
+
+/* One definition per precision: SUFFIX f/d, REAL float/double, VEC the
+ * vector type, NR the panel width. */
+#define CHARLM_DEFINE_PACKED_GEMM(SUFFIX, REAL, VEC, NR)                          \
+                                                                                  \
+/* Number of REALs a packed K x N matrix takes. */                                \
+static inline size_t charlm_packed_size_##SUFFIX(int K, int N)                    \
+{                                                                                 \
+    return (size_t)((N + NR - 1) / NR) * NR * (size_t)K;                          \
+}                                                                                 \
+                                                                                  \
+/* Pack the K x N matrix whose element (k, n) is b[k*stride_k + n*stride_n].      \
+ * (stride_k, stride_n) = (ldb, 1) packs B itself; (1, ldb) packs the            \
+ * transpose of a row-major N x K matrix, e.g. W_hh.T. */                         \
+static inline void charlm_pack_##SUFFIX(int K, int N, const REAL* b,             \
+                                        ptrdiff_t stride_k, ptrdiff_t stride_n,   \
+                                        REAL* packed)                             \
+{                                                                                 \
+    int n0, k, j;                                                                 \
+    for (n0 = 0; n0 < N; n0 += NR) {                                              \
+        int width = N - n0 < NR ? N - n0 : NR;                                    \
+        for (k = 0; k < K; k++) {                                                 \
+            const REAL* src = b + k * stride_k + n0 * stride_n;                   \
+            for (j = 0; j < width; j++)                                           \
+                packed[j] = src[j * stride_n];                                    \
+            for (; j < NR; j++)                                                   \
+                packed[j] = 0;                                                    \
+            packed += NR;                                                         \
+        }                                                                         \
+    }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* C[rows, 0:width] (+)= A[rows, 0:K] @ panel, for a compile-time `rows`         \
+ * (the function is always inlined into a switch on the row count, so the       \
+ * loops over rows unroll and acc stays in registers). */                        \
+static inline __attribute__((always_inline)) void                                \
+charlm_micro_##SUFFIX(const int rows, int width, int K, const REAL* a, int lda,  \
+                      const REAL* panel, int accumulate, REAL* c, int ldc)        \
+{                                                                                 \
+    const int half = NR / 2;                                                      \
+    VEC acc0[CHARLM_MR], acc1[CHARLM_MR];                                         \
+    int r, k, j;                                                                  \
+    for (r = 0; r < rows; r++) {                                                  \
+        acc0[r] = (VEC){0};                                                       \
+        acc1[r] = (VEC){0};                                                       \
+    }                                                                             \
+    for (k = 0; k < K; k++) {                                                     \
+        VEC b0 = *(const VEC*)(panel + (size_t)k * NR);                           \
+        VEC b1 = *(const VEC*)(panel + (size_t)k * NR + half);                    \
+        for (r = 0; r < rows; r++) {                                              \
+            REAL a_rk = a[(size_t)r * lda + k];                                   \
+            acc0[r] += a_rk * b0;                                                 \
+            acc1[r] += a_rk * b1;                                                 \
+        }                                                                         \
+    }                                                                             \
+    for (r = 0; r < rows; r++) {                                                  \
+        REAL* c_r = c + (size_t)r * ldc;                                          \
+        if (width == NR) {                                                        \
+            if (accumulate) {                                                     \
+                acc0[r] += *(VEC*)c_r;                                            \
+                acc1[r] += *(VEC*)(c_r + half);                                   \
+            }                                                                     \
+            *(VEC*)c_r = acc0[r];                                                 \
+            *(VEC*)(c_r + half) = acc1[r];                                        \
+        } else {                                /* the last, partial panel */     \
+            REAL block[NR];                                                       \
+            memcpy(block, &acc0[r], sizeof acc0[r]);                              \
+            memcpy(block + half, &acc1[r], sizeof acc1[r]);                       \
+            for (j = 0; j < width; j++)                                           \
+                c_r[j] = accumulate ? c_r[j] + block[j] : block[j];               \
+        }                                                                         \
+    }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* C (+)= A @ B for row-major A (M x K, leading dimension lda) and C (M x N,     \
+ * ldc), B packed by charlm_pack_*. accumulate = 0 overwrites C. */              \
+static inline void charlm_packed_gemm_##SUFFIX(int M, int N, int K,               \
+                                               const REAL* a, int lda,            \
+                                               const REAL* packed,                \
+                                               int accumulate, REAL* c, int ldc)  \
+{                                                                                 \
+    int n0, m0;                                                                   \
+    for (n0 = 0; n0 < N; n0 += NR) {                                              \
+        const REAL* panel = packed + (size_t)(n0 / NR) * NR * K;                  \
+        int width = N - n0 < NR ? N - n0 : NR;                                    \
+        for (m0 = 0; m0 < M; m0 += CHARLM_MR) {                                   \
+            const REAL* a_m = a + (size_t)m0 * lda;                               \
+            REAL* c_m = c + (size_t)m0 * ldc + n0;                                \
+            switch (M - m0 < CHARLM_MR ? M - m0 : CHARLM_MR) {                    \
+            case 6: charlm_micro_##SUFFIX(6, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
+            case 5: charlm_micro_##SUFFIX(5, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
+            case 4: charlm_micro_##SUFFIX(4, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
+            case 3: charlm_micro_##SUFFIX(3, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
+            case 2: charlm_micro_##SUFFIX(2, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
+            default: charlm_micro_##SUFFIX(1, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
+            }                                                                     \
+        }                                                                         \
+    }                                                                             \
+}
+
+CHARLM_DEFINE_PACKED_GEMM(f, float, charlm_vf, CHARLM_NR_F)
+CHARLM_DEFINE_PACKED_GEMM(d, double, charlm_vd, CHARLM_NR_D)
+
+#endif

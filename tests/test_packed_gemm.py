@@ -1,0 +1,85 @@
+"""The packed matrix product the recurrences use for W_hh (charlm/_packed_gemm.h).
+
+Its micro-kernel works on blocks of 6 rows and of 2 vectors of columns, with
+a zero-padded last panel, so the shapes below cover every remainder: rows
+1..13, column counts on both sides of each panel width (16, 32 for float;
+8, 16 for double), and sums over 1 to 129 terms.
+"""
+
+import numpy as np
+import pytest
+
+from charlm import _kernels as K
+
+ROWS = [1, 2, 5, 6, 7, 12, 13]
+COLS = [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 100]
+DEPTHS = [1, 3, 64, 129]
+
+
+def _operands(rng, M, Kd, N, dtype):
+    a = rng.standard_normal((M, Kd)).astype(dtype)
+    b = rng.standard_normal((Kd, N)).astype(dtype)
+    return a, b
+
+
+def _tolerance(a, b, dtype):
+    """Rounding bound of a dot product in this dtype, per output element."""
+    eps = np.finfo(dtype).eps
+    scale = np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
+    return 4 * a.shape[1] * eps * scale + 1e-300
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("N", COLS)
+def test_matches_numpy_for_every_remainder(dtype, M, N):
+    rng = np.random.default_rng(M * 1000 + N)
+    for Kd in DEPTHS:
+        a, b = _operands(rng, M, Kd, N, dtype)
+        out = np.full((M, N), np.nan, dtype)          # overwritten, never read
+        K.packed_matmul(a, b, out)
+        exact = a.astype(np.float64) @ b.astype(np.float64)
+        assert np.all(np.abs(out - exact) <= _tolerance(a, b, dtype)), (M, Kd, N)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_accumulate_adds_to_the_output(dtype):
+    rng = np.random.default_rng(0)
+    for M, Kd, N in [(7, 33, 17), (6, 64, 32), (1, 5, 100)]:
+        a, b = _operands(rng, M, Kd, N, dtype)
+        start = rng.standard_normal((M, N)).astype(dtype)
+        out = start.copy()
+        K.packed_matmul(a, b, out, accumulate=True)
+        exact = start.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
+        assert np.all(np.abs(out - exact) <= _tolerance(a, b, dtype) + 4 * np.finfo(dtype).eps
+                      * np.abs(exact)), (M, Kd, N)
+
+
+def test_writes_nothing_outside_the_output():
+    """A partial last panel is stored element by element: the columns past N
+    (here the rest of a wider buffer's rows) must stay untouched."""
+    rng = np.random.default_rng(1)
+    a, b = _operands(rng, 5, 20, 9, np.float32)
+    wide = np.full((5, 40), 7.0, np.float32)
+    out = wide[:, :9].copy()
+    K.packed_matmul(a, b, out)
+    assert np.array_equal(wide[:, 9:], np.full((5, 31), 7.0, np.float32))
+    np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_nan_propagates():
+    """A non-finite weight must poison the product, not vanish in a padded lane."""
+    a = np.ones((3, 4), np.float32)
+    b = np.ones((4, 5), np.float32)
+    b[2, 4] = np.nan
+    out = np.zeros((3, 5), np.float32)
+    K.packed_matmul(a, b, out)
+    assert np.isnan(out[:, 4]).all() and np.isfinite(out[:, :4]).all()
+
+
+def test_rejects_mismatched_shapes():
+    a = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError):
+        K.packed_matmul(a, np.ones((5, 2), np.float32), np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError):
+        K.packed_matmul(a, np.ones((4, 2), np.float32), np.zeros((3, 3), np.float32))
