@@ -173,6 +173,40 @@ cdef inline void packed_gemm(int m, int n, int k, const real* a, int lda,
         charlm_packed_gemm_d(m, n, k, a, lda, packed, accumulate, c, ldc)
 
 
+# The recurrences' two products with W_hh (G, H), forward and backward. With
+# one stream (B = 1: evaluation, sampling through the model) each is a
+# matrix-vector product: GEMV streams W_hh once per step on BLAS's threads,
+# which beats the packed kernel on one core, so nothing is packed then.
+
+cdef real* pack_W_hhT(const real* W_hh, int G, int H, int B) except? NULL:
+    """W_hh.T (H, G) packed for times_W_hhT; NULL when B == 1."""
+    return pack(W_hh, H, G, 1, H) if B > 1 else NULL
+
+
+cdef real* pack_W_hh(const real* W_hh, int G, int H, int B) except? NULL:
+    """W_hh (G, H) packed for times_W_hh; NULL when B == 1."""
+    return pack(W_hh, G, H, H, 1) if B > 1 else NULL
+
+
+cdef inline void times_W_hhT(int B, int G, int H, const real* h, const real* W_hh,
+                             const real* W_hhT_packed, real* out) noexcept nogil:
+    """out (B, G) += h (B, H) @ W_hh.T"""
+    if W_hhT_packed != NULL:
+        packed_gemm(B, G, H, h, H, W_hhT_packed, True, out, G)
+    else:
+        gemm(False, True, B, G, H, 1, h, H, W_hh, H, 1, out, G)
+
+
+cdef inline void times_W_hh(int B, int G, int H, const real* dgates, const real* W_hh,
+                            const real* W_hh_packed, bint accumulate,
+                            real* out) noexcept nogil:
+    """out (B, H) (+)= dgates (B, G) @ W_hh"""
+    if W_hh_packed != NULL:
+        packed_gemm(B, H, G, dgates, G, W_hh_packed, accumulate, out, H)
+    else:
+        gemm(False, False, B, H, G, 1, dgates, G, W_hh, H, accumulate, out, H)
+
+
 def packed_matmul(const real[:, ::1] a, const real[:, ::1] b, real[:, ::1] out,
                   bint accumulate=False):
     """out (+)= a @ b through pack() and packed_gemm(), as the recurrences use
@@ -335,12 +369,12 @@ def rnn_forward(bint relu, real[:, :, ::1] gates, const real[:, ::1] W_hh,
     cdef real* h_new
     cdef real* W_hhT
     _check_recurrence(T, B, H, H, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
-    W_hhT = pack(&W_hh[0, 0], H, H, 1, H)     # W_hh.T (H, H), packed
+    W_hhT = pack_W_hhT(&W_hh[0, 0], H, H, B)
     try:
         with nogil:
             for t in range(T):
                 # gates[t] += h[t] @ W_hh.T        (B,H) += (B,H) @ (H,H)
-                packed_gemm(B, H, H, &h[t, 0, 0], H, W_hhT, True, &gates[t, 0, 0], H)
+                times_W_hhT(B, H, H, &h[t, 0, 0], &W_hh[0, 0], W_hhT, &gates[t, 0, 0])
                 for b in range(B):
                     pre = &gates[t, b, 0]
                     h_new = &h[t + 1, b, 0]
@@ -376,7 +410,7 @@ def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
     cdef real* W_hh_packed
     _check_recurrence(T, B, H, H, (_shape(dgates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(dh_carry, 2) == (B, H), "dh_carry must be (B, H)")
-    W_hh_packed = pack(&W_hh[0, 0], H, H, H, 1)     # W_hh (H, H), packed
+    W_hh_packed = pack_W_hh(&W_hh[0, 0], H, H, B)
     try:
         with nogil:
             for t in range(T - 1, -1, -1):
@@ -392,8 +426,8 @@ def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
                         else:
                             dpre[j] = dh * (1 - h_t[j] * h_t[j])
                 # dh_carry = dgates[t] @ W_hh      (B,H) = (B,H) @ (H,H)
-                packed_gemm(B, H, H, &dgates[t, 0, 0], H, W_hh_packed, False,
-                            &dh_carry[0, 0], H)
+                times_W_hh(B, H, H, &dgates[t, 0, 0], &W_hh[0, 0], W_hh_packed, False,
+                           &dh_carry[0, 0])
             # dW_hh = dgates.T @ h[:T]             (H,H) = (H,N) @ (N,H)
             gemm(True, False, H, H, T * B, 1, &dgates[0, 0, 0], H, &h[0, 0, 0], H,
                  0, &dW_hh[0, 0], H)
@@ -479,12 +513,12 @@ def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     _require(_shape(c, 3) == (T + 1, B, H) and _shape(tanh_c, 3) == (T, B, H),
              "c must be (T+1, B, H) and tanh_c (T, B, H)")
     w_peep = _peep_pointer(peep, H)
-    W_hhT = pack(&W_hh[0, 0], H, G, 1, H)     # W_hh.T (H, 4H), packed
+    W_hhT = pack_W_hhT(&W_hh[0, 0], G, H, B)
     try:
         with nogil:
             for t in range(T):
                 # gates[t] += h[t] @ W_hh.T        (B,4H) += (B,H) @ (H,4H)
-                packed_gemm(B, G, H, &h[t, 0, 0], H, W_hhT, True, &gates[t, 0, 0], G)
+                times_W_hhT(B, G, H, &h[t, 0, 0], &W_hh[0, 0], W_hhT, &gates[t, 0, 0])
                 for b in range(B):
                     lstm_units(H, &gates[t, b, 0], &c[t, b, 0], &c[t + 1, b, 0],
                                &tanh_c[t, b, 0], &h[t + 1, b, 0], w_peep)
@@ -548,7 +582,7 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
         dw_cf = dw_ci + H
         dw_co = dw_ci + 2 * H
         memset(dw_ci, 0, 3 * H * sizeof(real))
-    W_hh_packed = pack(&W_hh[0, 0], G, H, H, 1)     # W_hh (4H, H), packed
+    W_hh_packed = pack_W_hh(&W_hh[0, 0], G, H, B)
     try:
         with nogil:
             for t in range(T - 1, -1, -1):
@@ -597,8 +631,8 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
                         for j in range(H):
                             dw_co[j] += do[j] * c_t[j]
                 # dh_carry = dgates[t] @ W_hh          (B,H) = (B,4H) @ (4H,H)
-                packed_gemm(B, H, G, &dgates[t, 0, 0], G, W_hh_packed, False,
-                            &dh_carry[0, 0], H)
+                times_W_hh(B, G, H, &dgates[t, 0, 0], &W_hh[0, 0], W_hh_packed, False,
+                           &dh_carry[0, 0])
             # dW_hh = dgates.T @ h[:T]                 (4H,H) = (4H,N) @ (N,H)
             gemm(True, False, G, H, T * B, 1, &dgates[0, 0, 0], G, &h[0, 0, 0], H,
                  0, &dW_hh[0, 0], H)
@@ -652,14 +686,14 @@ def gru_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(b_hh.shape[0] == G and _shape(hn, 3) == (T, B, H)
              and _shape(hh, 2) == (B, G), "gru_forward: shape mismatch")
-    W_hhT = pack(&W_hh[0, 0], H, G, 1, H)     # W_hh.T (H, 3H), packed
+    W_hhT = pack_W_hhT(&W_hh[0, 0], G, H, B)
     try:
         with nogil:
             for t in range(T):
                 for b in range(B):
                     memcpy(&hh[b, 0], &b_hh[0], G * sizeof(real))
                 # hh = h[t] @ W_hh.T + b_hh        (B,3H) += (B,H) @ (H,3H)
-                packed_gemm(B, G, H, &h[t, 0, 0], H, W_hhT, True, &hh[0, 0], G)
+                times_W_hhT(B, G, H, &h[t, 0, 0], &W_hh[0, 0], W_hhT, &hh[0, 0])
                 for b in range(B):
                     gru_units(H, &gates[t, b, 0], &hh[b, 0], &h[t, b, 0], &h[t + 1, b, 0])
                     # kept for the backward pass: W_hn h_{t-1} + b_hn
@@ -706,7 +740,7 @@ def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
              and _shape(dgates_x, 3) == (T, B, G) and _shape(dgates_h, 3) == (T, B, G)
              and _shape(dW_hh, 2) == (G, H) and db_hh.shape[0] == G,
              "gru_backward: shape mismatch")
-    W_hh_packed = pack(&W_hh[0, 0], G, H, H, 1)     # W_hh (3H, H), packed
+    W_hh_packed = pack_W_hh(&W_hh[0, 0], G, H, B)
     try:
         with nogil:
             for t in range(T - 1, -1, -1):
@@ -742,8 +776,8 @@ def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
                     for j in range(H):        # the direct path h_t <- z * h_{t-1}
                         carry[j] *= z[j]
                 # dh_carry += dgates_h[t] @ W_hh       (B,H) += (B,3H) @ (3H,H)
-                packed_gemm(B, H, G, &dgates_h[t, 0, 0], G, W_hh_packed, True,
-                            &dh_carry[0, 0], H)
+                times_W_hh(B, G, H, &dgates_h[t, 0, 0], &W_hh[0, 0], W_hh_packed, True,
+                           &dh_carry[0, 0])
             # dW_hh = dgates_h.T @ h[:T]               (3H,H) = (3H,N) @ (N,H)
             gemm(True, False, G, H, T * B, 1, &dgates_h[0, 0, 0], G, &h[0, 0, 0], H,
                  0, &dW_hh[0, 0], H)
