@@ -42,10 +42,16 @@ def single_threaded_blas(workers):
     """While several workers run, each BLAS call must use one thread: the
     workers already occupy the cores, and BLAS threads would compete with
     them. A context manager; does nothing for a single worker."""
-    if workers <= 1:
-        return contextlib.nullcontext()
+    return blas_threads(1) if workers > 1 else contextlib.nullcontext()
+
+
+def blas_threads(threads):
+    """A context manager that runs BLAS on `threads` threads. Inside
+    single_threaded_blas, the single-stream passes (validation, samples) use
+    it to get the cores back: there, one matrix-vector product per step is
+    all the parallelism there is."""
     from threadpoolctl import threadpool_limits
-    return threadpool_limits(limits=1, user_api="blas")
+    return threadpool_limits(limits=threads, user_api="blas")
 
 
 class DataParallel:

@@ -37,7 +37,7 @@ from .evaluate import LOG2_E
 from .data import BatchStream, prepare_corpus
 from .errors import CharlmError, DataError, ModelFileError, UsageError
 from .model import CELLS, DTYPES, Config, Model, State
-from .parallel import DataParallel, single_threaded_blas, worker_count
+from .parallel import DataParallel, blas_threads, single_threaded_blas, worker_count
 from .optim import OPTIMIZERS, SCHEDULES, Schedule, clip_gradients, make_optimizer
 from .sampling import default_prime_ids, generate_ids
 
@@ -343,12 +343,13 @@ class Trainer:
                   "chars_seen": p.chars_seen, "lr": self.optimizer.lr}
         record.update(window.summary())
         if len(self.corpus.val_ids) > 1:
-            val = evaluate.score(self.model, self.corpus.val_ids)
-            record["val_nats"] = val.nats_per_char
-            record["val_bpc"] = val.bits_per_char
-            if self.options.record_decay:
-                record.update(diagnostics.training_record(self.model, self.corpus.val_ids,
-                                                          self.options.seed))
+            with blas_threads(self.workers):
+                val = evaluate.score(self.model, self.corpus.val_ids)
+                record["val_nats"] = val.nats_per_char
+                record["val_bpc"] = val.bits_per_char
+                if self.options.record_decay:
+                    record.update(diagnostics.training_record(self.model, self.corpus.val_ids,
+                                                              self.options.seed))
         p.train_seconds += window.seconds
         record["train_seconds"] = round(p.train_seconds, 3)
         window.reset()
