@@ -58,6 +58,9 @@ from torch_twin import torch_twin  # noqa: E402
 CLIP_NORM = 5.0
 LEARNING_RATE = 2e-3
 BLOCK_BUDGET = 3       # a block stops after this many times its planned length
+SETTLE_SECONDS = 0.3   # pause before each block: idle BLAS/OpenMP threads of the previous
+                       # contender spin for a while before they sleep, and would steal
+                       # a core from the next block
 N_CHUNKS = 4           # distinct chunks cycled through; their one-hots are prebuilt
 FALLBACK_VOCAB = 65    # tiny-shakespeare's alphabet size, for the random text
 
@@ -347,6 +350,7 @@ def bench_config(cfg, ids, vocab_size, dtype, timing, torch, optimiser_api, log,
     rates = {name: [] for name in contenders}
     for r in range(timing.rounds):
         for name, c in contenders.items():
+            time.sleep(SETTLE_SECONDS)
             done, seconds = time_block(c, steps[name], BLOCK_BUDGET * timing.block_seconds)
             rates[name].append(done * c.units_per_step / seconds)
         log(f"  round {r + 1}/{timing.rounds}: " + ", ".join(

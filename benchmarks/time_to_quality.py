@@ -49,6 +49,10 @@ CANDIDATES = {
                               schedule="cosine", lr=3e-3),
     "lstm-2x512-cosine": dict(cell="lstm", layers=2, hidden=512, batch_size=32, seq_length=64,
                               schedule="cosine", lr=2e-3, dropout=0.1),
+    "gru-2x512-cosine-dropout": dict(cell="gru", layers=2, hidden=512, batch_size=64,
+                                     seq_length=64, schedule="cosine", lr=2e-3, dropout=0.2),
+    "lstm-2x512-cosine-dropout": dict(cell="lstm", layers=2, hidden=512, batch_size=64,
+                                      seq_length=64, schedule="cosine", lr=2e-3, dropout=0.2),
 }
 
 

@@ -46,10 +46,12 @@ def single_threaded_blas(workers):
 
 
 def blas_threads(threads):
-    """A context manager that runs BLAS on `threads` threads. Inside
-    single_threaded_blas, the single-stream passes (validation, samples) use
-    it to get the cores back: there, one matrix-vector product per step is
-    all the parallelism there is."""
+    """A context manager that runs BLAS on `threads` threads (0: as it is).
+    Inside single_threaded_blas, the single-stream passes (validation) use it
+    to get the cores back: there, one matrix-vector product per step is all
+    the parallelism there is."""
+    if not threads:
+        return contextlib.nullcontext()
     from threadpoolctl import threadpool_limits
     return threadpool_limits(limits=threads, user_api="blas")
 
@@ -88,18 +90,20 @@ class DataParallel:
         if shards <= 1:
             return self.model.loss_and_grads(x, y, state, dropout=dropout, rng=rng)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="charlm-shard")
+            self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="charlm-shard")
         bounds = [B * k // shards for k in range(shards + 1)]
         # Each worker needs its own Generator (they are not thread-safe); drawing
         # their seeds from `rng` keeps a run reproducible for a given worker count.
         rngs = [None] * shards
         if dropout > 0.0:
             rngs = [np.random.default_rng(seed) for seed in rng.integers(0, 2**63, size=shards)]
-        futures = [
-            self._pool.submit(replica.loss_and_grads, x[:, lo:hi], y[:, lo:hi],
-                              _state_slice(state, lo, hi), dropout, shard_rng)
-            for replica, lo, hi, shard_rng in zip(self._replicas, bounds, bounds[1:], rngs)]
-        results = [future.result() for future in futures]
+        jobs = [(replica.loss_and_grads, x[:, lo:hi], y[:, lo:hi], _state_slice(state, lo, hi),
+                 dropout, shard_rng)
+                for replica, lo, hi, shard_rng in zip(self._replicas, bounds, bounds[1:], rngs)]
+        # The calling thread takes the first share itself rather than wait idle.
+        futures = [self._pool.submit(*job) for job in jobs[1:]]
+        first = jobs[0][0](*jobs[0][1:])
+        results = [first] + [future.result() for future in futures]
         weights = _shard_weights(y, bounds)
         loss = sum(w * shard_loss for w, (shard_loss, _, _) in zip(weights, results))
         self._combine_grads(weights, [grads for _, grads, _ in results])

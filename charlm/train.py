@@ -37,7 +37,7 @@ from .evaluate import LOG2_E
 from .data import BatchStream, prepare_corpus
 from .errors import CharlmError, DataError, ModelFileError, UsageError
 from .model import CELLS, DTYPES, Config, Model, State
-from .parallel import DataParallel, blas_threads, single_threaded_blas, worker_count
+from .parallel import DataParallel, blas_threads, usable_cores, worker_count
 from .optim import OPTIMIZERS, SCHEDULES, Schedule, clip_gradients, make_optimizer
 from .sampling import default_prime_ids, generate_ids
 
@@ -265,7 +265,9 @@ class Trainer:
         started = time.perf_counter()
         window = _Window()
         bar = self._bar()
-        with _StopOnSignal() as stop, single_threaded_blas(self.workers), self.parallel:
+        # Several workers: one BLAS thread each. One worker: BLAS gets --threads.
+        steps_blas = 1 if self.workers > 1 else o.threads
+        with _StopOnSignal() as stop, blas_threads(steps_blas), self.parallel:
             try:
                 while not stop.requested and not self._done(started):
                     loss, stepped = self._step(schedule, window)
@@ -343,7 +345,7 @@ class Trainer:
                   "chars_seen": p.chars_seen, "lr": self.optimizer.lr}
         record.update(window.summary())
         if len(self.corpus.val_ids) > 1:
-            with blas_threads(self.workers):
+            with blas_threads(self.options.threads or usable_cores()):
                 val = evaluate.score(self.model, self.corpus.val_ids)
                 record["val_nats"] = val.nats_per_char
                 record["val_bpc"] = val.bits_per_char
