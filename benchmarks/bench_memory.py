@@ -42,16 +42,20 @@ def child_charlm(cell, layers, hidden, batch, seq, steps):
     import numpy as np
     from charlm.model import Config, Model
     from charlm.optim import clip_by_global_norm, make_optimizer
+    from charlm.parallel import DataParallel, single_threaded_blas, worker_count
     model = Model(Config(vocab_size=VOCAB, cell=cell, hidden=hidden, layers=layers))
     optimizer = make_optimizer("adam", model.params, lr=2e-3)
     rng = np.random.default_rng(0)
     state = model.zero_state(batch)
-    for _ in range(steps):
-        x = rng.integers(0, VOCAB, (seq, batch)).astype(np.int32)
-        y = rng.integers(0, VOCAB, (seq, batch)).astype(np.int32)
-        _, grads, state = model.loss_and_grads(x, y, state)
-        clip_by_global_norm(grads, 5.0)
-        optimizer.step(grads)
+    # as `charlm train` runs: one worker per thread, each with its own buffers
+    workers = worker_count(int(os.environ["OMP_NUM_THREADS"]), batch)
+    with single_threaded_blas(workers), DataParallel(model, workers) as parallel:
+        for _ in range(steps):
+            x = rng.integers(0, VOCAB, (seq, batch)).astype(np.int32)
+            y = rng.integers(0, VOCAB, (seq, batch)).astype(np.int32)
+            _, grads, state = parallel.loss_and_grads(x, y, state)
+            clip_by_global_norm(grads, 5.0)
+            optimizer.step(grads)
 
 
 def child_torch(cell, layers, hidden, batch, seq, steps):
