@@ -23,6 +23,7 @@ Only numpy is needed; the output is the same for the same seed and size.
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -113,11 +114,15 @@ def main(argv=None):
     P = make_chain(rng, tokens)
     text = generate(rng, P, tokens, args.chars)
     bits = entropy_rate_bits_per_char(P, tokens)
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.write(text)
-    with open(args.out + ".json", "w", encoding="utf-8") as f:
-        json.dump({"chars": len(text), "seed": args.seed, "words": args.words,
-                   "entropy_rate_bits_per_char": bits}, f, indent=1)
+    try:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+        with open(args.out + ".json", "w", encoding="utf-8") as f:
+            json.dump({"chars": len(text), "seed": args.seed, "words": args.words,
+                       "entropy_rate_bits_per_char": bits}, f, indent=1)
+    except OSError as error:
+        sys.exit(f"make_corpus.py: error: cannot write {args.out}: {error.strerror}")
     print(f"wrote {len(text):,} characters to {args.out}; best achievable: "
           f"{bits:.4f} bits per character", file=sys.stderr)
 
