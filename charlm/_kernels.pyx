@@ -13,8 +13,9 @@ the one-hot product W_ih x_t is a contiguous row gather.
 
 A layer's work is split in three kernels, called in order by charlm.model:
     input projection   gates = W_ih x + bias   one GEMM (or a gather) for all N rows
-    recurrence         the time loop in C: one (B,H)@(H,G) GEMM per step, then
-                       the cell's element-wise equations
+    recurrence         the time loop in C: one (B,H)@(H,G) product per step
+                       with W_hh packed once per chunk (pack, packed_gemm),
+                       then the cell's element-wise equations
     backward           the same in reverse; the weight gradients are one GEMM
                        each over all N rows, after the loop
 
@@ -630,10 +631,10 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
                             dw_cf[j] += df[j] * c_prev[j]
                         for j in range(H):
                             dw_co[j] += do[j] * c_t[j]
-                # dh_carry = dgates[t] @ W_hh          (B,H) = (B,4H) @ (4H,H)
+                # dh_carry = dgates[t] @ W_hh      (B,H) = (B,4H) @ (4H,H)
                 times_W_hh(B, G, H, &dgates[t, 0, 0], &W_hh[0, 0], W_hh_packed, False,
                            &dh_carry[0, 0])
-            # dW_hh = dgates.T @ h[:T]                 (4H,H) = (4H,N) @ (N,H)
+            # dW_hh = dgates.T @ h[:T]             (4H,H) = (4H,N) @ (N,H)
             gemm(True, False, G, H, T * B, 1, &dgates[0, 0, 0], G, &h[0, 0, 0], H,
                  0, &dW_hh[0, 0], H)
     finally:
