@@ -52,7 +52,7 @@ import scipy.linalg.blas        # noqa: E402
 import charlm                   # noqa: E402
 from charlm.errors import UsageError   # noqa: E402
 from charlm.model import Config, Model  # noqa: E402
-from charlm.parallel import DataParallel, single_threaded_blas, worker_count  # noqa: E402
+from charlm.parallel import DataParallel, single_threaded_blas, usable_cores, worker_count  # noqa: E402
 from torch_twin import torch_twin  # noqa: E402
 
 CLIP_NORM = 5.0
@@ -389,10 +389,6 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def usable_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def load_note(when):

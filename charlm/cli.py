@@ -75,10 +75,8 @@ def _check_threads(threads):
 def _limit_threads(threads):
     """Set the BLAS thread count for this process (0: leave the default)."""
     _check_threads(threads)
-    if threads:
-        from threadpoolctl import threadpool_limits
-        return threadpool_limits(limits=threads, user_api="blas")
-    return None
+    from .parallel import blas_threads
+    blas_threads(threads)       # applies at once; the process ends with the command
 
 
 class _OneLineGroup(click.Group):

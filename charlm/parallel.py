@@ -97,13 +97,13 @@ class DataParallel:
         rngs = [None] * shards
         if dropout > 0.0:
             rngs = [np.random.default_rng(seed) for seed in rng.integers(0, 2**63, size=shards)]
-        jobs = [(replica.loss_and_grads, x[:, lo:hi], y[:, lo:hi], _state_slice(state, lo, hi),
-                 dropout, shard_rng)
-                for replica, lo, hi, shard_rng in zip(self._replicas, bounds, bounds[1:], rngs)]
+        shares = [(replica.loss_and_grads,
+                   (x[:, lo:hi], y[:, lo:hi], _state_slice(state, lo, hi), dropout, shard_rng))
+                  for replica, lo, hi, shard_rng in zip(self._replicas, bounds, bounds[1:], rngs)]
         # The calling thread takes the first share itself rather than wait idle.
-        futures = [self._pool.submit(*job) for job in jobs[1:]]
-        first = jobs[0][0](*jobs[0][1:])
-        results = [first] + [future.result() for future in futures]
+        futures = [self._pool.submit(run, *args) for run, args in shares[1:]]
+        run, args = shares[0]
+        results = [run(*args)] + [future.result() for future in futures]
         weights = _shard_weights(y, bounds)
         loss = sum(w * shard_loss for w, (shard_loss, _, _) in zip(weights, results))
         self._combine_grads(weights, [grads for _, grads, _ in results])

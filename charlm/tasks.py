@@ -44,7 +44,6 @@ Design:
   entropy of the answer (what the best constant distribution scores).
 """
 
-import contextlib
 from dataclasses import asdict, dataclass
 import json
 import math
@@ -55,6 +54,7 @@ import numpy as np
 from .errors import UsageError
 from .model import CELLS, IGNORE, Config, Model
 from .optim import OPTIMIZERS, clip_gradients, make_optimizer
+from .parallel import blas_threads
 
 TASKS = ("copy", "adding")
 MAX_LAG = 2000            # sequences longer than this make a step slow, and say nothing new
@@ -282,7 +282,7 @@ def run_task(options):
     o = options.validate()
     task = make_task(o.task, o.lag)
     start = time.perf_counter()
-    with _blas_threads(o.threads):
+    with blas_threads(o.threads):
         model = Model(Config(vocab_size=len(task.vocab), cell=o.cell, hidden=o.hidden,
                              layers=o.layers), seed=o.seed)
         log = train(model, task, o)
@@ -298,14 +298,6 @@ def run_task(options):
         grad_norm_median=float(np.median(norms)), grad_norm_max=float(np.max(norms)),
         stopped_early=log.stopped_early, seconds=time.perf_counter() - start,
         parameters=model.num_parameters)
-
-
-def _blas_threads(threads):
-    """A context that runs BLAS with `threads` threads (0: as it is)."""
-    if not threads:
-        return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits
-    return threadpool_limits(limits=threads, user_api="blas")
 
 
 def _streams(seed):

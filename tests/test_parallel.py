@@ -27,6 +27,20 @@ def _whole_batch(model, x, y, state):
     return loss, {k: v.copy() for k, v in grads.items()}, final
 
 
+def _two_workers(model, x, y, state):
+    with DataParallel(model, 2) as parallel:
+        return parallel.loss_and_grads(x, y, state)
+
+
+def _assert_same_step(sharded, whole):
+    """Same loss and every gradient, up to float64 rounding."""
+    (p_loss, p_grads), (loss, grads) = sharded[:2], whole[:2]
+    assert p_loss == pytest.approx(loss, rel=1e-12)
+    for name in grads:
+        np.testing.assert_allclose(p_grads[name], grads[name], rtol=1e-10, atol=1e-14,
+                                   err_msg=name)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("workers,B", [(2, 6), (2, 5), (3, 7), (4, 4)])
 def test_sharded_step_equals_the_whole_batch(cell, workers, B):
@@ -37,10 +51,7 @@ def test_sharded_step_equals_the_whole_batch(cell, workers, B):
     loss, grads, final = _whole_batch(model, x, y, state)
     with DataParallel(model, workers) as parallel:
         p_loss, p_grads, p_final = parallel.loss_and_grads(x, y, state)
-    assert p_loss == pytest.approx(loss, rel=1e-12)
-    for name in grads:
-        np.testing.assert_allclose(p_grads[name], grads[name], rtol=1e-10, atol=1e-14,
-                                   err_msg=name)
+    _assert_same_step((p_loss, p_grads), (loss, grads))
     np.testing.assert_allclose(p_final.h, final.h, rtol=1e-12, atol=1e-15)
     if final.c is not None:
         np.testing.assert_allclose(p_final.c, final.c, rtol=1e-12, atol=1e-15)
@@ -55,12 +66,7 @@ def test_shards_are_weighted_by_the_positions_they_score():
     y[:, :3] = IGNORE                   # the first shard scores one position,
     y[2, 0] = 3                         # the second all twelve
     state = model.zero_state(6)
-    loss, grads, _ = _whole_batch(model, x, y, state)
-    with DataParallel(model, 2) as parallel:
-        p_loss, p_grads, _ = parallel.loss_and_grads(x, y, state)
-    assert p_loss == pytest.approx(loss, rel=1e-12)
-    for name in grads:
-        np.testing.assert_allclose(p_grads[name], grads[name], rtol=1e-10, atol=1e-14)
+    _assert_same_step(_two_workers(model, x, y, state), _whole_batch(model, x, y, state))
 
 
 def test_a_shard_that_scores_nothing_adds_nothing():
@@ -69,12 +75,9 @@ def test_a_shard_that_scores_nothing_adds_nothing():
     x, y = _chunk(rng, 7, 4, 4)
     y[:, :2] = IGNORE
     state = model.zero_state(4)
-    loss, grads, _ = _whole_batch(model, x, y, state)
-    with DataParallel(model, 2) as parallel:
-        p_loss, p_grads, _ = parallel.loss_and_grads(x, y, state)
-    assert np.isfinite(p_loss) and p_loss == pytest.approx(loss, rel=1e-12)
-    for name in grads:
-        np.testing.assert_allclose(p_grads[name], grads[name], rtol=1e-10, atol=1e-14)
+    sharded = _two_workers(model, x, y, state)
+    assert np.isfinite(sharded[0])
+    _assert_same_step(sharded, _whole_batch(model, x, y, state))
 
 
 def test_replicas_see_parameter_updates():
