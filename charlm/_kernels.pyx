@@ -239,6 +239,51 @@ cdef inline void add_into(real* y, const real* x, size_t n) noexcept nogil:
         y[i] += x[i]
 
 
+# Reductions over one row, written as LANES independent partial results so
+# that gcc vectorises them: a single running max or sum is one serial chain
+# of dependent operations, which the compiler may not reorder without
+# -ffast-math. The order is fixed, so the result is deterministic.
+cdef enum:
+    LANES = 8
+
+cdef inline real row_max(const real* x, int n) noexcept nogil:
+    """max(x[0..n)), n >= 1. A NaN is never picked (x > NaN is false), but it
+    still reaches the caller's exp(x - max), so it is never laundered."""
+    cdef real lanes[LANES]
+    cdef real m
+    cdef int k = 0, l
+    for l in range(LANES):
+        lanes[l] = x[0]
+    while k + LANES <= n:
+        for l in range(LANES):
+            lanes[l] = x[k + l] if x[k + l] > lanes[l] else lanes[l]
+        k += LANES
+    m = lanes[0]
+    for l in range(1, LANES):
+        m = lanes[l] if lanes[l] > m else m
+    for k in range(k, n):
+        m = x[k] if x[k] > m else m
+    return m
+
+
+cdef inline double row_sum(const real* x, int n) noexcept nogil:
+    """sum(x[0..n)) accumulated in double."""
+    cdef double lanes[LANES]
+    cdef double s = 0
+    cdef int k = 0, l
+    for l in range(LANES):
+        lanes[l] = 0
+    while k + LANES <= n:
+        for l in range(LANES):
+            lanes[l] += x[k + l]
+        k += LANES
+    for l in range(LANES):
+        s += lanes[l]
+    for k in range(k, n):
+        s += x[k]
+    return s
+
+
 cdef void _require(bint ok, str what) except *:
     if not ok:
         raise ValueError("charlm kernel: " + what)
@@ -817,7 +862,7 @@ def softmax_cross_entropy(real[:, ::1] logits, const int[::1] targets):
     """
     cdef int N = logits.shape[0], V = logits.shape[1]
     cdef int r, k, y, scored = 0, bad = -1
-    cdef real m, scale
+    cdef real m, scale, inv_z
     cdef double total = 0, z
     cdef real* row
     _require(targets.shape[0] == N and N >= 1 and V >= 1,
@@ -837,19 +882,18 @@ def softmax_cross_entropy(real[:, ::1] logits, const int[::1] targets):
                 for k in range(V):
                     row[k] = 0
                 continue
-            m = row[0]
-            for k in range(1, V):
-                if row[k] > m:
-                    m = row[k]
+            m = row_max(row, V)
             # loss_r = log sum_k exp(logit_k - m) - (logit_y - m)
             total -= row[y] - m
-            z = 0
             for k in range(V):
                 row[k] = exp_(row[k] - m)
-                z += row[k]
+            z = row_sum(row, V)
             total += log(z)
+            # one division per row, not per element (a double divide per
+            # element cost more than the exps)
+            inv_z = <real>(scale / z)
             for k in range(V):
-                row[k] = <real>(row[k] / z) * scale
+                row[k] = row[k] * inv_z
             row[y] -= scale
     return total / max(scored, 1)
 
@@ -1291,3 +1335,93 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
         free(logits)
         free(weight)
         free(ranked)
+
+
+# ===========================================================================
+# Optimiser updates: one fused pass per parameter
+# ===========================================================================
+#
+# The optimisers (charlm.optim) own the hyper-parameters, the state and the
+# checkpoints; these kernels do their per-element arithmetic. Written with
+# numpy ufuncs, Adam made eight passes over every parameter and its state,
+# and it runs once per step on the calling thread while the other workers
+# wait: a few percent of a small model's training time. Here each element is
+# read and written once. Scalars arrive as Python floats and are rounded to
+# the parameter's dtype once, as numpy does with them.
+
+from libc.math cimport sqrt, sqrtf
+
+
+cdef inline real sqrt_(real x) noexcept nogil:
+    if real is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+def _check_same_length(tuple arrays):
+    n = arrays[0].shape[0]
+    _require(all(a.shape[0] == n for a in arrays), "optimiser arrays differ in length")
+
+
+def adam_update(real[::1] p, const real[::1] g, real[::1] m, real[::1] v,
+                double beta1, double beta2, double eps, double step_size,
+                double inv_sqrt_bc2, double decay):
+    """One Adam(W) step on a flat parameter, in place:
+        p *= decay                                (1 - lr * weight_decay; AdamW)
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+        p -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps)
+    step_size = lr / (1 - b1^t) and inv_sqrt_bc2 = 1 / sqrt(1 - b2^t) fold
+    the bias corrections in. p, g, m, v: (n,) of one dtype.
+    """
+    cdef Py_ssize_t n = p.shape[0], k
+    cdef real b1 = beta1, b2 = beta2, one_minus_b1 = 1.0 - beta1, one_minus_b2 = 1.0 - beta2
+    cdef real e = eps, s = step_size, c2 = inv_sqrt_bc2, d = decay
+    cdef real gk
+    _check_same_length((p, g, m, v))
+    with nogil:
+        for k in range(n):
+            gk = g[k]
+            m[k] = b1 * m[k] + one_minus_b1 * gk
+            v[k] = b2 * v[k] + one_minus_b2 * (gk * gk)
+            p[k] = d * p[k] - s * (m[k] / (sqrt_(v[k]) * c2 + e))
+
+
+def rmsprop_update(real[::1] p, const real[::1] g, real[::1] square_avg,
+                   double alpha, double eps, double lr):
+    """One RMSProp step on a flat parameter, in place:
+        E = alpha E + (1 - alpha) g^2;  p -= lr * g / (sqrt(E) + eps).
+    g already includes any L2 weight decay. p, g, square_avg: (n,).
+    """
+    cdef Py_ssize_t n = p.shape[0], k
+    cdef real a = alpha, one_minus_a = 1.0 - alpha, e = eps, rate = lr
+    cdef real gk
+    _check_same_length((p, g, square_avg))
+    with nogil:
+        for k in range(n):
+            gk = g[k]
+            square_avg[k] = a * square_avg[k] + one_minus_a * (gk * gk)
+            p[k] = p[k] - rate * (gk / (sqrt_(square_avg[k]) + e))
+
+
+def sum_of_squares(const real[::1] x):
+    """sum(x**2) accumulated in double (float32 squares of 1e20 would overflow)."""
+    cdef Py_ssize_t n = x.shape[0], k = 0
+    cdef double lanes[LANES]
+    cdef double total = 0, xk
+    cdef int l
+    with nogil:
+        for l in range(LANES):
+            lanes[l] = 0
+        while k + LANES <= n:
+            for l in range(LANES):
+                xk = x[k + l]
+                lanes[l] += xk * xk
+            k += LANES
+        for l in range(LANES):
+            total += lanes[l]
+        while k < n:
+            xk = x[k]
+            total += xk * xk
+            k += 1
+    return total

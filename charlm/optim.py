@@ -6,9 +6,11 @@ Design:
   that an optimiser updates **in place**, so the model sees the new weights
   without any copying. Every optimiser keeps its per-parameter state (momentum,
   moment estimates, accumulators) in arrays of the parameter's own dtype and
-  shape, plus one preallocated scratch array per parameter: ``step()`` does its
-  arithmetic with in-place ufuncs (``out=``) and allocates nothing
-  parameter-sized, which matters when it runs once per chunk.
+  shape. Adam and RMSProp do their arithmetic in one fused kernel pass per
+  parameter (``charlm._kernels``); SGD and Adagrad use in-place ufuncs
+  (``out=``) on one preallocated scratch array per parameter. Either way
+  ``step()`` allocates nothing parameter-sized, which matters when it runs
+  once per chunk.
 
 * The learning rate is a plain attribute (``optimizer.lr``) that the trainer sets
   before each step from a :class:`Schedule`. The schedule is a pure function of
@@ -41,6 +43,7 @@ import math
 
 import numpy as np
 
+from . import _kernels as K
 from .errors import ModelFileError, UsageError
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "adagrad")
@@ -97,6 +100,7 @@ class Optimizer:
     SLOTS = ()
     NONNEGATIVE_SLOTS = ()
     DEFAULTS = {}
+    USES_SCRATCH = True     # False for the optimisers whose update is one fused kernel
 
     def __init__(self, params, lr, **options):
         _check_params(params)
@@ -112,7 +116,8 @@ class Optimizer:
         self.hyper = self._check_options({**self.DEFAULTS, **chosen})
         self._state = {slot: {k: np.zeros_like(p) for k, p in params.items()}
                        for slot in self.SLOTS}
-        self._scratch = {k: np.empty_like(p) for k, p in params.items()}
+        self._scratch = ({k: np.empty_like(p) for k, p in params.items()} if self.USES_SCRATCH
+                         else dict.fromkeys(params))
         self._l2 = None   # g + weight_decay * p, allocated once if ever needed
 
     # The learning rate changes every step (schedules), so it is validated on set.
@@ -277,6 +282,7 @@ class RMSProp(Optimizer):
     square root, as in PyTorch. Weight decay is L2: g += weight_decay * p."""
 
     name = "rmsprop"
+    USES_SCRATCH = False
     SLOTS = ("square_avg",)
     NONNEGATIVE_SLOTS = ("square_avg",)
     DEFAULTS = {"alpha": 0.95, "eps": 1e-8, "weight_decay": 0.0}
@@ -298,15 +304,7 @@ class RMSProp(Optimizer):
         alpha, eps = self.hyper["alpha"], self.hyper["eps"]
         E = self._state["square_avg"][name]
         g = self._l2_gradient(name, p, g)
-        E *= alpha
-        np.multiply(g, g, out=scratch)
-        scratch *= 1.0 - alpha
-        E += scratch
-        np.sqrt(E, out=scratch)
-        scratch += eps
-        np.divide(g, scratch, out=scratch)
-        scratch *= self.lr
-        p -= scratch
+        K.rmsprop_update(p.reshape(-1), g.reshape(-1), E.reshape(-1), alpha, eps, self.lr)
 
 
 class Adagrad(Optimizer):
@@ -344,6 +342,7 @@ class Adam(Optimizer):
     m_hat and v_hat are never materialised."""
 
     name = "adam"
+    USES_SCRATCH = False
     SLOTS = ("m", "v")
     NONNEGATIVE_SLOTS = ("v",)
     DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
@@ -379,22 +378,9 @@ class Adam(Optimizer):
     def _update(self, name, p, g, scratch):
         (b1, b2), eps, wd = self.hyper["betas"], self.hyper["eps"], self.hyper["weight_decay"]
         m, v = self._state["m"][name], self._state["v"][name]
-        m *= b1
-        np.multiply(g, 1.0 - b1, out=scratch)
-        m += scratch
-        v *= b2
-        np.multiply(g, g, out=scratch)
-        scratch *= 1.0 - b2
-        v += scratch
-        if wd:
-            p *= 1.0 - self.lr * wd
-        # sqrt(v_hat) + eps = sqrt(v) / sqrt(1 - b2^t) + eps
-        np.sqrt(v, out=scratch)
-        scratch *= self._inv_sqrt_bc2
-        scratch += eps
-        np.divide(m, scratch, out=scratch)
-        scratch *= self._step_size
-        p -= scratch
+        # sqrt(v_hat) + eps = sqrt(v) / sqrt(1 - b2^t) + eps; one fused pass (see _kernels)
+        K.adam_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+                      b1, b2, eps, self._step_size, self._inv_sqrt_bc2, 1.0 - self.lr * wd)
 
 
 _CLASSES = {cls.name: cls for cls in (Adam, RMSProp, SGD, Adagrad)}
@@ -420,15 +406,15 @@ def make_optimizer(name, params, lr, **options):
 def global_norm(grads):
     """sqrt(sum of squares) over every array in `grads` (a dict or an iterable).
 
-    Accumulated in float64 without a float64 copy of the arrays (einsum casts
-    in small buffers), so float32 gradients of 1e20 do not overflow to inf.
+    Accumulated in float64 (by a kernel, in one pass), so float32 gradients
+    of 1e20 do not overflow to inf.
     """
     arrays = grads.values() if isinstance(grads, dict) else grads
     total = 0.0
     for g in arrays:
-        flat = g.reshape(-1)
-        if flat.dtype == np.float64:
-            total += float(np.dot(flat, flat))
+        flat = np.ascontiguousarray(g).reshape(-1)
+        if flat.dtype in FLOAT_DTYPES:
+            total += K.sum_of_squares(flat)
         else:
             total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
     return math.sqrt(total)

@@ -90,6 +90,24 @@ def test_first_three_steps_follow_the_equations(name, hyper):
     assert opt.step_count == 3
 
 
+
+# Adam and RMSProp run as one fused kernel per parameter: every length around
+# the vector widths, in both dtypes, must follow the equations.
+@pytest.mark.parametrize("name, hyper", [c for c in HAND_CASES if c[0] in ("adam", "rmsprop")])
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-13), (np.float32, 2e-6)])
+def test_fused_updates_follow_the_equations_at_every_length(name, hyper, dtype, rtol):
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 7, 8, 15, 16, 17, 31, 33, 64, 65, 1000):
+        p0 = rng.normal(0, 1, n).astype(dtype)
+        grads = [rng.normal(0, 1, n).astype(dtype) for _ in range(3)]
+        params = {"w": p0.copy()}
+        opt = make_optimizer(name, params, 0.1, **hyper)
+        for g in grads:
+            opt.step({"w": g})
+        expected = _reference(name, p0.astype(np.float64), [g.astype(np.float64) for g in grads],
+                              0.1, **hyper)
+        np.testing.assert_allclose(params["w"], expected, rtol=rtol, atol=rtol, err_msg=f"n={n}")
+
 # Constant gradient g = 2 from p = 1 with lr = 0.1, worked out on paper.
 PAPER = {
     # v = 2, 3.8, 5.42 -> p = 1 - 0.1 * (2 + 3.8 + 5.42)
@@ -447,6 +465,18 @@ def test_clip_by_global_norm_matches_torch():
     for t, g in zip(tensors, grads.values()):
         # torch divides by norm + 1e-6; norm here is ~20, hence rtol 1e-7.
         np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-7)
+
+
+def test_global_norm_at_every_length():
+    rng = np.random.default_rng(5)
+    for n in list(range(1, 40)) + [1001]:
+        for dtype in (np.float32, np.float64):
+            g = rng.normal(0, 1, n).astype(dtype)
+            exact = math.sqrt(math.fsum(float(v) ** 2 for v in g))
+            assert global_norm({"g": g}) == pytest.approx(exact, rel=1e-13), (n, dtype)
+    # a non-contiguous gradient is read as its values
+    strided = np.arange(12.0).reshape(3, 4)[:, ::2]
+    assert global_norm({"g": strided}) == pytest.approx(np.sqrt((strided ** 2).sum()))
 
 
 def test_global_norm_accumulates_float32_in_float64():

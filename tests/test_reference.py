@@ -164,3 +164,31 @@ def test_reference_rejects_inconsistent_arguments():
     y[0, 0] = model.config.vocab_size
     with pytest.raises(ValueError, match="ids"):
         reference.loss_and_grads(*args, state.c)
+
+
+# The softmax kernel reduces each row in vector lanes plus a scalar tail, so
+# every vocabulary size around the lane widths is checked, with unscored rows.
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_softmax_cross_entropy_kernel_matches_reference(dtype):
+    from charlm import _kernels as K
+    rng = np.random.default_rng(3)
+    rtol = {"float64": 1e-12, "float32": 1e-5}[dtype]
+    for V in list(range(1, 41)) + [65, 257]:
+        logits = rng.normal(0, 4, (9, V)).astype(dtype)
+        y = rng.integers(0, V, 9).astype(np.int32)
+        y[[2, 5]] = K.IGNORE_TARGET
+        expected_loss, _ = reference.cross_entropy(logits.astype(np.float64), y)
+        expected_grad = reference.cross_entropy_backward(logits.astype(np.float64), y)
+        grad = logits.copy()
+        loss = K.softmax_cross_entropy(grad, y)
+        assert loss == pytest.approx(expected_loss, rel=rtol), V
+        np.testing.assert_allclose(grad, expected_grad, rtol=rtol, atol=rtol * 1e-2,
+                                   err_msg=f"V={V}")
+
+
+def test_softmax_cross_entropy_kernel_propagates_nan():
+    from charlm import _kernels as K
+    for position in (0, 9, 16, 20):             # in the lanes and in the tail
+        logits = np.zeros((2, 21), np.float32)
+        logits[1, position] = np.nan
+        assert np.isnan(K.softmax_cross_entropy(logits, np.array([0, 1], np.int32)))
