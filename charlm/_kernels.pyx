@@ -1404,6 +1404,18 @@ def rmsprop_update(real[::1] p, const real[::1] g, real[::1] square_avg,
             p[k] = p[k] - rate * (gk / (sqrt_(square_avg[k]) + e))
 
 
+def scaled_sum(real[::1] out, const real[::1] a, double alpha, const real[::1] b,
+               double beta):
+    """out = alpha * a + beta * b, in one pass (out may be a). All (n,).
+    Combines the gradients of the shares of a batch (charlm.parallel)."""
+    cdef Py_ssize_t n = out.shape[0], k
+    cdef real wa = alpha, wb = beta
+    _check_same_length((out, a, b))
+    with nogil:
+        for k in range(n):
+            out[k] = wa * a[k] + wb * b[k]
+
+
 def sum_of_squares(const real[::1] x):
     """sum(x**2) accumulated in double (float32 squares of 1e20 would overflow)."""
     cdef Py_ssize_t n = x.shape[0], k = 0

@@ -16,11 +16,13 @@ all, and BLAS stays on one thread per worker (see `single_threaded_blas`).
 """
 
 import contextlib
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import _kernels as K
 from .model import IGNORE, State
 
 
@@ -89,32 +91,39 @@ class DataParallel:
         shards = min(self.workers, B)
         if shards <= 1:
             return self.model.loss_and_grads(x, y, state, dropout=dropout, rng=rng)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="charlm-shard")
         bounds = [B * k // shards for k in range(shards + 1)]
         # Each worker needs its own Generator (they are not thread-safe); drawing
         # their seeds from `rng` keeps a run reproducible for a given worker count.
         rngs = [None] * shards
         if dropout > 0.0:
             rngs = [np.random.default_rng(seed) for seed in rng.integers(0, 2**63, size=shards)]
-        shares = [(replica.loss_and_grads,
-                   (x[:, lo:hi], y[:, lo:hi], _state_slice(state, lo, hi), dropout, shard_rng))
+        shares = [functools.partial(replica.loss_and_grads, x[:, lo:hi], y[:, lo:hi],
+                                    _state_slice(state, lo, hi), dropout, shard_rng)
                   for replica, lo, hi, shard_rng in zip(self._replicas, bounds, bounds[1:], rngs)]
-        # The calling thread takes the first share itself rather than wait idle.
-        futures = [self._pool.submit(run, *args) for run, args in shares[1:]]
-        run, args = shares[0]
-        results = [run(*args)] + [future.result() for future in futures]
+        results = self._run_all(shares)
         weights = _shard_weights(y, bounds)
         loss = sum(w * shard_loss for w, (shard_loss, _, _) in zip(weights, results))
         self._combine_grads(weights, [grads for _, grads, _ in results])
         final = _concat_states([shard_state for _, _, shard_state in results])
         return loss, self.model.grads, final
 
+    def _run_all(self, calls):
+        """Run the calls on the pool; the calling thread takes the first itself
+        rather than wait idle. Returns their results in order."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="charlm-shard")
+        futures = [self._pool.submit(call) for call in calls[1:]]
+        return [calls[0]()] + [future.result() for future in futures]
+
     def _combine_grads(self, weights, shard_grads):
+        """model.grads = sum over the (two or more) shards of weight * shard
+        gradient, one kernel pass per pair (numpy needed a temporary per term)."""
         for name, total in self.model.grads.items():
-            np.multiply(shard_grads[0][name], weights[0], out=total)
-            for w, grads in zip(weights[1:], shard_grads[1:]):
-                total += w * grads[name]
+            out = total.reshape(-1)
+            K.scaled_sum(out, shard_grads[0][name].reshape(-1), weights[0],
+                         shard_grads[1][name].reshape(-1), weights[1])
+            for w, grads in zip(weights[2:], shard_grads[2:]):
+                K.scaled_sum(out, out, 1.0, grads[name].reshape(-1), w)
 
 
 def _shard_weights(y, bounds):
