@@ -493,42 +493,52 @@ def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
 # Both share these kernels; peep is None (NULL) for the plain LSTM.
 # ---------------------------------------------------------------------------
 
+cdef extern from "_lstm_units.h":
+    # The element-wise equations of one stream and one step, forward and
+    # backward side by side (see the header for why they are written in C).
+    void charlm_lstm_forward_units_f(int H, float* gate, const float* c_prev, float* c,
+                                     float* tanh_c, float* h, const float* peep) noexcept nogil
+    void charlm_lstm_forward_units_d(int H, double* gate, const double* c_prev, double* c,
+                                     double* tanh_c, double* h, const double* peep) noexcept nogil
+    void charlm_lstm_backward_units_f(int H, const float* gate, const float* c_prev,
+                                      const float* c_t, const float* tanh_c,
+                                      const float* dh_next, const float* dh_up, float* dc,
+                                      float* dgate, const float* peep,
+                                      float* dpeep) noexcept nogil
+    void charlm_lstm_backward_units_d(int H, const double* gate, const double* c_prev,
+                                      const double* c_t, const double* tanh_c,
+                                      const double* dh_next, const double* dh_up, double* dc,
+                                      double* dgate, const double* peep,
+                                      double* dpeep) noexcept nogil
+
+
 cdef inline void lstm_units(int H, real* gate, const real* c_prev, real* c,
                             real* tanh_c, real* h, const real* peep) noexcept nogil:
     """One stream, one step, after the products: gate (4H,) holds the
     pre-activations [i|f|g|o] and receives the activated gates; writes
     c = c_t, tanh_c = tanh(c_t) and h = h_t. c may be c_prev (the sampler
     updates its state in place); tanh_c and h must not overlap anything else.
-    peep (3H,) or NULL: the peephole weights [w_ci|w_cf|w_co].
+    peep (3H,) or NULL: the peephole weights [w_ci|w_cf|w_co]."""
+    if real is float:
+        charlm_lstm_forward_units_f(H, gate, c_prev, c, tanh_c, h, peep)
+    else:
+        charlm_lstm_forward_units_d(H, gate, c_prev, c, tanh_c, h, peep)
 
-    One short loop per equation, each touching few arrays: gcc then
-    vectorises every one (a single loop over all the arrays needs too many
-    run-time alias checks, and stays scalar).
-    """
-    cdef int j
-    cdef real* i = gate
-    cdef real* f = gate + H
-    cdef real* g = gate + 2 * H
-    cdef real* o = gate + 3 * H
-    if peep != NULL:
-        for j in range(H):        # i sees c_{t-1}
-            i[j] += peep[j] * c_prev[j]
-        for j in range(H):        # f sees c_{t-1}
-            f[j] += peep[H + j] * c_prev[j]
-    for j in range(2 * H):        # i, f = sigmoid(.), in place
-        i[j] = sigmoid(i[j])
-    for j in range(H):            # g = tanh(.)
-        g[j] = tanh_(g[j])
-    for j in range(H):            # c_t = f * c_{t-1} + i * g
-        c[j] = f[j] * c_prev[j] + i[j] * g[j]
-    if peep != NULL:
-        for j in range(H):        # o sees c_t
-            o[j] += peep[2 * H + j] * c[j]
-    for j in range(H):            # o = sigmoid(.)
-        o[j] = sigmoid(o[j])
-    for j in range(H):            # h_t = o * tanh(c_t)
-        tanh_c[j] = tanh_(c[j])
-        h[j] = o[j] * tanh_c[j]
+
+cdef inline void lstm_backward_units(int H, const real* gate, const real* c_prev,
+                                     const real* c_t, const real* tanh_c,
+                                     const real* dh_next, const real* dh_up, real* dc,
+                                     real* dgate, const real* peep,
+                                     real* dpeep) noexcept nogil:
+    """One stream, one step of BPTT through the equations of lstm_units:
+    dL/dh_t = dh_next + dh_up; dc (H,): in dL/dc_t, out dL/dc_{t-1};
+    dgate (4H,) written; dpeep (3H,) accumulated when peep is not NULL."""
+    if real is float:
+        charlm_lstm_backward_units_f(H, gate, c_prev, c_t, tanh_c, dh_next, dh_up, dc,
+                                     dgate, peep, dpeep)
+    else:
+        charlm_lstm_backward_units_d(H, gate, c_prev, c_t, tanh_c, dh_next, dh_up, dc,
+                                     dgate, peep, dpeep)
 
 
 cdef inline const real* _peep_pointer(const real[:, ::1] peep, int H) except? NULL:
@@ -591,27 +601,9 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
         for the plain one.
     """
     cdef int T = dh_out.shape[0], B = dh_out.shape[1], H = dh_out.shape[2], G = 4 * H
-    cdef int t, b, j
-    cdef const real* i          # activated gates of one stream
-    cdef const real* f
-    cdef const real* g
-    cdef const real* o
-    cdef real* di               # their pre-activation gradients
-    cdef real* df
-    cdef real* dg
-    cdef real* do
-    cdef const real* c_prev
-    cdef const real* c_t
-    cdef const real* up
-    cdef const real* tcs
-    cdef real* dh_c
-    cdef real* dc_c
-    cdef const real* w_ci = NULL   # peephole weights and their gradients
-    cdef const real* w_cf = NULL
-    cdef const real* w_co = NULL
-    cdef real* dw_ci = NULL
-    cdef real* dw_cf = NULL
-    cdef real* dw_co = NULL
+    cdef int t, b
+    cdef const real* w_peep = NULL
+    cdef real* dw_peep = NULL
     cdef real* W_hh_packed
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(c, 3) == (T + 1, B, H) and _shape(tanh_c, 3) == (T, B, H)
@@ -620,62 +612,19 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
              "lstm_backward: shape mismatch")
     _require((peep is None) == (dpeep is None), "lstm_backward: pass peep and dpeep together")
     if peep is not None:
-        w_ci = _peep_pointer(peep, H)
-        w_cf = w_ci + H
-        w_co = w_ci + 2 * H
+        w_peep = _peep_pointer(peep, H)
         _require(_shape(dpeep, 2) == (3, H), f"dpeep must be (3, {H})")
-        dw_ci = &dpeep[0, 0]
-        dw_cf = dw_ci + H
-        dw_co = dw_ci + 2 * H
-        memset(dw_ci, 0, 3 * H * sizeof(real))
+        dw_peep = &dpeep[0, 0]
+        memset(dw_peep, 0, 3 * H * sizeof(real))
     W_hh_packed = pack_W_hh(&W_hh[0, 0], G, H, B)
     try:
         with nogil:
             for t in range(T - 1, -1, -1):
                 for b in range(B):
-                    i = &gates[t, b, 0]
-                    f = i + H
-                    g = i + 2 * H
-                    o = i + 3 * H
-                    di = &dgates[t, b, 0]
-                    df = di + H
-                    dg = di + 2 * H
-                    do = di + 3 * H
-                    c_prev = &c[t, b, 0]
-                    c_t = &c[t + 1, b, 0]
-                    tcs = &tanh_c[t, b, 0]
-                    up = &dh_out[t, b, 0]
-                    dh_c = &dh_carry[b, 0]
-                    dc_c = &dc_carry[b, 0]
-                    # One equation per loop, so that gcc vectorises each (see
-                    # lstm_units). dh_c and dc_c become dL/dh_t and dL/dc_t here,
-                    # then dL/dc_{t-1}; dh_carry is overwritten by the GEMM below.
-                    for j in range(H):        # dh = from above + from step t+1
-                        dh_c[j] += up[j]
-                    for j in range(H):        # d pre_o, from h_t = o * tanh(c_t)
-                        do[j] = dh_c[j] * tcs[j] * o[j] * (1 - o[j])
-                    for j in range(H):        # dc = carried + through h_t
-                        dc_c[j] += dh_c[j] * o[j] * (1 - tcs[j] * tcs[j])
-                    if w_co != NULL:
-                        for j in range(H):    # + through the peephole into o
-                            dc_c[j] += do[j] * w_co[j]
-                    for j in range(H):        # d pre_i
-                        di[j] = dc_c[j] * g[j] * i[j] * (1 - i[j])
-                    for j in range(H):        # d pre_f
-                        df[j] = dc_c[j] * c_prev[j] * f[j] * (1 - f[j])
-                    for j in range(H):        # d pre_g
-                        dg[j] = dc_c[j] * i[j] * (1 - g[j] * g[j])
-                    for j in range(H):        # dL/dc_{t-1}, through c_t = f * c_{t-1} + ...
-                        dc_c[j] *= f[j]
-                    if w_ci != NULL:
-                        for j in range(H):    # ... and through the peepholes into i, f
-                            dc_c[j] += di[j] * w_ci[j] + df[j] * w_cf[j]
-                        for j in range(H):    # the peephole weights' own gradients
-                            dw_ci[j] += di[j] * c_prev[j]
-                        for j in range(H):
-                            dw_cf[j] += df[j] * c_prev[j]
-                        for j in range(H):
-                            dw_co[j] += do[j] * c_t[j]
+                    # dc_carry[b] goes from dL/dc_t to dL/dc_{t-1}
+                    lstm_backward_units(H, &gates[t, b, 0], &c[t, b, 0], &c[t + 1, b, 0],
+                                        &tanh_c[t, b, 0], &dh_carry[b, 0], &dh_out[t, b, 0],
+                                        &dc_carry[b, 0], &dgates[t, b, 0], w_peep, dw_peep)
                 # dh_carry = dgates[t] @ W_hh      (B,H) = (B,4H) @ (4H,H)
                 times_W_hh(B, G, H, &dgates[t, 0, 0], &W_hh[0, 0], W_hh_packed, False,
                            &dh_carry[0, 0])
