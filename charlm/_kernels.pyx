@@ -325,6 +325,8 @@ def input_from_ids_backward(const int[::1] ids, const real[:, ::1] dgates,
 
     ids (N,), dgates (N, G), dW_ihT (V, G) overwritten, dbias (G,) overwritten.
     The transpose of the row gather: each row of dgates lands on its id's row.
+    Every row lands on exactly one row of dW_ihT, so dbias is also the sum of
+    the V rows of dW_ihT: V sums instead of N (65 against thousands).
     """
     cdef int N = ids.shape[0], V = dW_ihT.shape[0], G = dW_ihT.shape[1]
     cdef int r, bad = -1
@@ -337,7 +339,7 @@ def input_from_ids_backward(const int[::1] ids, const real[:, ::1] dgates,
                 bad = r
                 break
             add_into(&dW_ihT[ids[r], 0], &dgates[r, 0], G)
-        column_sums(&dgates[0, 0], N, G, &dbias[0])
+        column_sums(&dW_ihT[0, 0], V, G, &dbias[0])
     _require(bad < 0, "input_from_ids_backward: id out of range")
 
 

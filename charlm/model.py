@@ -183,6 +183,7 @@ class _Workspace:
     caches: list
     logits: np.ndarray      # (T*B, V), overwritten by dlogits in training
     d_top: np.ndarray       # (T*B, H): dL/d(top layer's output)
+    W_ihT: np.ndarray       # (V, G): the first layer's input weights, transposed for the gather
     dW_ihT: np.ndarray      # (V, G): the scatter-added first-layer gradient
 
 
@@ -332,7 +333,8 @@ class Model:
         bias = self.projection_bias(layer)
         gates = cache.gates.reshape(N, -1)
         if layer == 0:
-            W_ihT = np.ascontiguousarray(p["weight_ih_l0"].T)   # (V, G): rows to gather
+            W_ihT = self._current.W_ihT             # (V, G): rows to gather
+            np.copyto(W_ihT, p["weight_ih_l0"].T)   # into a kept buffer: no allocation per chunk
             K.input_from_ids(x.reshape(-1), W_ihT, bias, gates)
         else:
             K.input_from_dense(_rows(below), p[f"weight_ih_l{layer}"], bias, gates)
@@ -398,7 +400,7 @@ class Model:
         if layer == 0:
             dW_ihT = self._current.dW_ihT
             K.input_from_ids_backward(x.reshape(-1), dgates.reshape(N, -1), dW_ihT, db)
-            g["weight_ih_l0"][...] = dW_ihT.T
+            np.copyto(g["weight_ih_l0"], dW_ihT.T)
             d_below = None
         else:
             below = caches[layer - 1].output
@@ -449,6 +451,7 @@ class Model:
                 [_LayerCache(c, T, B) for _ in range(c.layers)],
                 logits=np.empty((T * B, c.vocab_size), c.np_dtype),
                 d_top=np.empty((T * B, c.hidden), c.np_dtype),
+                W_ihT=np.empty((c.vocab_size, c.gates), c.np_dtype),
                 dW_ihT=np.empty((c.vocab_size, c.gates), c.np_dtype))
         self._current = self._workspaces[key]
         return self._current.caches
