@@ -1,9 +1,10 @@
 """The packed matrix product the recurrences use for W_hh (charlm/_packed_gemm.h).
 
-Its micro-kernel works on blocks of 6 rows and of 2 vectors of columns, with
-a zero-padded last panel, so the shapes below cover every remainder: rows
-1..13, column counts on both sides of each panel width (16, 32 for float;
-8, 16 for double), and sums over 1 to 129 terms.
+Its micro-kernel works on blocks of 8 rows (AVX-512 builds) or 6 (others;
+the debug build of CI is one) and of 2 vectors of columns, with a
+zero-padded last panel, so the shapes below cover every remainder of either
+block height: rows 1..17, column counts on both sides of each panel width
+(16, 32 for float; 8, 16 for double), and sums over 1 to 129 terms.
 """
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from charlm import _kernels as K
 
-ROWS = [1, 2, 5, 6, 7, 12, 13]
+ROWS = [1, 2, 5, 6, 7, 8, 9, 12, 13, 15, 16, 17]
 COLS = [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 100]
 DEPTHS = [1, 3, 64, 129]
 
