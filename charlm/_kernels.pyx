@@ -138,6 +138,12 @@ cdef extern from "_packed_gemm.h":
     void charlm_packed_gemm_d(int M, int N, int K, const double* a, int lda,
                               const double* packed, int accumulate, double* c,
                               int ldc) noexcept nogil
+    void charlm_packed_gemm_at_f(int M, int N, int K, const float* a, int lda,
+                                 const float* packed, int accumulate, float* c,
+                                 int ldc) noexcept nogil
+    void charlm_packed_gemm_at_d(int M, int N, int K, const double* a, int lda,
+                                 const double* packed, int accumulate, double* c,
+                                 int ldc) noexcept nogil
 
 
 cdef real* pack(const real* b, int K, int N, Py_ssize_t stride_k,
@@ -153,15 +159,21 @@ cdef real* pack(const real* b, int K, int N, Py_ssize_t stride_k,
     cdef real* packed
     if real is float:
         packed = <real*>malloc(charlm_packed_size_f(K, N) * sizeof(real))
-        if packed != NULL:
-            charlm_pack_f(K, N, b, stride_k, stride_n, packed)
     else:
         packed = <real*>malloc(charlm_packed_size_d(K, N) * sizeof(real))
-        if packed != NULL:
-            charlm_pack_d(K, N, b, stride_k, stride_n, packed)
     if packed == NULL:
         raise MemoryError("cannot allocate the packed weights")
+    pack_into(b, K, N, stride_k, stride_n, packed)
     return packed
+
+
+cdef inline void pack_into(const real* b, int K, int N, Py_ssize_t stride_k,
+                           Py_ssize_t stride_n, real* packed) noexcept nogil:
+    """pack() into room the caller provides."""
+    if real is float:
+        charlm_pack_f(K, N, b, stride_k, stride_n, packed)
+    else:
+        charlm_pack_d(K, N, b, stride_k, stride_n, packed)
 
 
 cdef inline void packed_gemm(int m, int n, int k, const real* a, int lda,
@@ -172,6 +184,40 @@ cdef inline void packed_gemm(int m, int n, int k, const real* a, int lda,
         charlm_packed_gemm_f(m, n, k, a, lda, packed, accumulate, c, ldc)
     else:
         charlm_packed_gemm_d(m, n, k, a, lda, packed, accumulate, c, ldc)
+
+
+# Weight gradients, dW (G, In) = dgates.T (G, N) @ x (N, In), summed over the
+# N = T*B rows of a chunk. BLAS copies (and transposes) all of dgates before
+# multiplying; the packed product reads dgates where it lies (the MR values
+# one step of its micro-kernel needs are adjacent) and packs only x, which is
+# 4x smaller for an LSTM: 111 against 102 GFLOP/s for 512x1250 @ 1250x128 on
+# one core. But it streams all of dgates once per panel of x, which pays only
+# while dgates stays in cache: 85 against 104 GFLOP/s for the 10 MB dgates of
+# a 512-unit LSTM. Hence the size limit.
+cdef enum:
+    PACKED_WEIGHT_GRADIENT_MAX_BYTES = 4 * 1024 * 1024
+
+
+cdef void weight_gradient(int G, int In, int N, const real* dgates, const real* x,
+                          real* dW) noexcept nogil:
+    """dW (G, In) = dgates.T @ x for dgates (N, G) and x (N, In), row-major."""
+    cdef real* x_packed = NULL
+    cdef size_t size
+    if <size_t>G * N * sizeof(real) <= PACKED_WEIGHT_GRADIENT_MAX_BYTES:
+        if real is float:
+            size = charlm_packed_size_f(N, In)
+        else:
+            size = charlm_packed_size_d(N, In)
+        x_packed = <real*>malloc(size * sizeof(real))
+    if x_packed == NULL:            # too large, or no memory: BLAS needs none of ours
+        gemm(True, False, G, In, N, 1, dgates, G, x, In, 0, dW, In)
+        return
+    pack_into(x, N, In, In, 1, x_packed)
+    if real is float:
+        charlm_packed_gemm_at_f(G, In, N, dgates, G, x_packed, False, dW, In)
+    else:
+        charlm_packed_gemm_at_d(G, In, N, dgates, G, x_packed, False, dW, In)
+    free(x_packed)
 
 
 # The recurrences' two products with W_hh (G, H), forward and backward. With
@@ -209,16 +255,27 @@ cdef inline void times_W_hh(int B, int G, int H, const real* dgates, const real*
 
 
 def packed_matmul(const real[:, ::1] a, const real[:, ::1] b, real[:, ::1] out,
-                  bint accumulate=False):
+                  bint accumulate=False, bint a_transposed=False):
     """out (+)= a @ b through pack() and packed_gemm(), as the recurrences use
-    them: a (M, K), b (K, N), out (M, N). Exposed for the tests."""
-    cdef int M = a.shape[0], K = a.shape[1], N = b.shape[1]
+    them: a (M, K), b (K, N), out (M, N). With a_transposed, out (+)= a.T @ b
+    for a (K, M), as weight_gradient() computes it. Exposed for the tests."""
+    cdef int M = a.shape[1] if a_transposed else a.shape[0]
+    cdef int K = a.shape[0] if a_transposed else a.shape[1]
+    cdef int N = b.shape[1]
     cdef real* b_packed
     _require(M >= 1 and K >= 1 and N >= 1 and b.shape[0] == K
              and _shape(out, 2) == (M, N), "packed_matmul: shape mismatch")
     b_packed = pack(&b[0, 0], K, N, N, 1)
     with nogil:
-        packed_gemm(M, N, K, &a[0, 0], K, b_packed, accumulate, &out[0, 0], N)
+        if a_transposed:
+            if real is float:
+                charlm_packed_gemm_at_f(M, N, K, &a[0, 0], M, b_packed, accumulate,
+                                        &out[0, 0], N)
+            else:
+                charlm_packed_gemm_at_d(M, N, K, &a[0, 0], M, b_packed, accumulate,
+                                        &out[0, 0], N)
+        else:
+            packed_gemm(M, N, K, &a[0, 0], K, b_packed, accumulate, &out[0, 0], N)
     free(b_packed)
 
 
@@ -377,8 +434,7 @@ def input_from_dense_backward(const real[:, ::1] x, const real[:, ::1] W_ih,
              "input_from_dense_backward: shape mismatch")
     with nogil:
         # dW_ih = dgates.T @ x                     (G,In) = (G,N) @ (N,In)
-        gemm(True, False, G, In, N, 1, &dgates[0, 0], G, &x[0, 0], In,
-             0, &dW_ih[0, 0], In)
+        weight_gradient(G, In, N, &dgates[0, 0], &x[0, 0], &dW_ih[0, 0])
         # dx = dgates @ W_ih                       (N,In) = (N,G) @ (G,In)
         gemm(False, False, N, In, G, 1, &dgates[0, 0], G, &W_ih[0, 0], In,
              0, &dx[0, 0], In)
@@ -477,8 +533,7 @@ def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
                 times_W_hh(B, H, H, &dgates[t, 0, 0], &W_hh[0, 0], W_hh_packed, False,
                            &dh_carry[0, 0])
             # dW_hh = dgates.T @ h[:T]             (H,H) = (H,N) @ (N,H)
-            gemm(True, False, H, H, T * B, 1, &dgates[0, 0, 0], H, &h[0, 0, 0], H,
-                 0, &dW_hh[0, 0], H)
+            weight_gradient(H, H, T * B, &dgates[0, 0, 0], &h[0, 0, 0], &dW_hh[0, 0])
     finally:
         free(W_hh_packed)
 
@@ -631,8 +686,7 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
                 times_W_hh(B, G, H, &dgates[t, 0, 0], &W_hh[0, 0], W_hh_packed, False,
                            &dh_carry[0, 0])
             # dW_hh = dgates.T @ h[:T]             (4H,H) = (4H,N) @ (N,H)
-            gemm(True, False, G, H, T * B, 1, &dgates[0, 0, 0], G, &h[0, 0, 0], H,
-                 0, &dW_hh[0, 0], H)
+            weight_gradient(G, H, T * B, &dgates[0, 0, 0], &h[0, 0, 0], &dW_hh[0, 0])
     finally:
         free(W_hh_packed)
 
@@ -776,8 +830,7 @@ def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
                 times_W_hh(B, G, H, &dgates_h[t, 0, 0], &W_hh[0, 0], W_hh_packed, True,
                            &dh_carry[0, 0])
             # dW_hh = dgates_h.T @ h[:T]               (3H,H) = (3H,N) @ (N,H)
-            gemm(True, False, G, H, T * B, 1, &dgates_h[0, 0, 0], G, &h[0, 0, 0], H,
-                 0, &dW_hh[0, 0], H)
+            weight_gradient(G, H, T * B, &dgates_h[0, 0, 0], &h[0, 0, 0], &dW_hh[0, 0])
             column_sums(&dgates_h[0, 0, 0], T * B, G, &db_hh[0])
     finally:
         free(W_hh_packed)

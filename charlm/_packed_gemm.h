@@ -46,8 +46,8 @@
 /* The micro-kernel for blocks of 7 and 8 rows exists only when MR allows it. */
 #if CHARLM_MR == 8
 #define CHARLM_MICRO_CASES_7_8(SUFFIX)                                                             \
-            case 8: charlm_micro_##SUFFIX(8, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
-            case 7: charlm_micro_##SUFFIX(7, width, K, a_m, lda, panel, accumulate, c_m, ldc); break;
+            case 8: charlm_micro_##SUFFIX(8, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
+            case 7: charlm_micro_##SUFFIX(7, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break;
 #else
 #define CHARLM_MICRO_CASES_7_8(SUFFIX)
 #endif
@@ -92,10 +92,13 @@ static inline void charlm_pack_##SUFFIX(int K, int N, const REAL* b,            
                                                                                   \
 /* C[rows, 0:width] (+)= A[rows, 0:K] @ panel, for a compile-time `rows`         \
  * (the function is always inlined into a switch on the row count, so the       \
- * loops over rows unroll and acc stays in registers). */                        \
+ * loops over rows unroll and acc stays in registers). Element (r, k) of A is    \
+ * a[r*lda + k], or a[k*lda + r] when a_transposed (a compile-time constant     \
+ * too). */                                                                      \
 static inline __attribute__((always_inline)) void                                \
 charlm_micro_##SUFFIX(const int rows, int width, int K, const REAL* a, int lda,  \
-                      const REAL* panel, int accumulate, REAL* c, int ldc)        \
+                      const int a_transposed, const REAL* panel, int accumulate,  \
+                      REAL* c, int ldc)                                           \
 {                                                                                 \
     const int half = NR / 2;                                                      \
     VEC acc0[CHARLM_MR], acc1[CHARLM_MR];                                         \
@@ -108,7 +111,8 @@ charlm_micro_##SUFFIX(const int rows, int width, int K, const REAL* a, int lda, 
         VEC b0 = *(const VEC*)(panel + (size_t)k * NR);                           \
         VEC b1 = *(const VEC*)(panel + (size_t)k * NR + half);                    \
         for (r = 0; r < rows; r++) {                                              \
-            REAL a_rk = a[(size_t)r * lda + k];                                   \
+            REAL a_rk = a_transposed ? a[(size_t)k * lda + r]                     \
+                                     : a[(size_t)r * lda + k];                    \
             acc0[r] += a_rk * b0;                                                 \
             acc1[r] += a_rk * b1;                                                 \
         }                                                                         \
@@ -132,12 +136,11 @@ charlm_micro_##SUFFIX(const int rows, int width, int K, const REAL* a, int lda, 
     }                                                                             \
 }                                                                                 \
                                                                                   \
-/* C (+)= A @ B for row-major A (M x K, leading dimension lda) and C (M x N,     \
- * ldc), B packed by charlm_pack_*. accumulate = 0 overwrites C. */              \
-static inline void charlm_packed_gemm_##SUFFIX(int M, int N, int K,               \
-                                               const REAL* a, int lda,            \
-                                               const REAL* packed,                \
-                                               int accumulate, REAL* c, int ldc)  \
+/* The sweep of the micro-kernel over the row blocks and the panels. */         \
+static inline __attribute__((always_inline)) void                                \
+charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,               \
+                      const int a_transposed, const REAL* packed, int accumulate, \
+                      REAL* c, int ldc)                                           \
 {                                                                                 \
     /* The M rows are cut into as few blocks as MR allows, of nearly equal    \
      * heights (25 = 7+6+6+6, not 8+8+8+1): a block of one or two rows         \
@@ -150,19 +153,41 @@ static inline void charlm_packed_gemm_##SUFFIX(int M, int N, int K,             
         int width = N - n0 < NR ? N - n0 : NR;                                    \
         for (m0 = 0, block = 0; m0 < M; m0 += rows, block++) {                    \
             rows = M / blocks + (block < M % blocks);                             \
-            const REAL* a_m = a + (size_t)m0 * lda;                               \
+            const REAL* a_m = a + (a_transposed ? (size_t)m0 : (size_t)m0 * lda); \
             REAL* c_m = c + (size_t)m0 * ldc + n0;                                \
             switch (rows) {                                                       \
             CHARLM_MICRO_CASES_7_8(SUFFIX)                                        \
-            case 6: charlm_micro_##SUFFIX(6, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
-            case 5: charlm_micro_##SUFFIX(5, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
-            case 4: charlm_micro_##SUFFIX(4, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
-            case 3: charlm_micro_##SUFFIX(3, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
-            case 2: charlm_micro_##SUFFIX(2, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
-            default: charlm_micro_##SUFFIX(1, width, K, a_m, lda, panel, accumulate, c_m, ldc); break; \
+            case 6: charlm_micro_##SUFFIX(6, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
+            case 5: charlm_micro_##SUFFIX(5, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
+            case 4: charlm_micro_##SUFFIX(4, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
+            case 3: charlm_micro_##SUFFIX(3, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
+            case 2: charlm_micro_##SUFFIX(2, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
+            default: charlm_micro_##SUFFIX(1, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
             }                                                                     \
         }                                                                         \
     }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* C (+)= A @ B for row-major A (M x K, leading dimension lda) and C (M x N,     \
+ * ldc), B packed by charlm_pack_*. accumulate = 0 overwrites C. */              \
+static inline void charlm_packed_gemm_##SUFFIX(int M, int N, int K,               \
+                                               const REAL* a, int lda,            \
+                                               const REAL* packed,                \
+                                               int accumulate, REAL* c, int ldc)  \
+{                                                                                 \
+    charlm_sweep_##SUFFIX(M, N, K, a, lda, 0, packed, accumulate, c, ldc);        \
+}                                                                                 \
+                                                                                  \
+/* The same with A stored transposed, C (+)= A.T @ B for a row-major K x M A:   \
+ * the weight gradients dW = dgates.T @ x. The MR elements of A that one k      \
+ * needs are adjacent, so A is read where it is, without a transposing copy. */  \
+static inline void charlm_packed_gemm_at_##SUFFIX(int M, int N, int K,            \
+                                                  const REAL* a, int lda,         \
+                                                  const REAL* packed,             \
+                                                  int accumulate, REAL* c,        \
+                                                  int ldc)                        \
+{                                                                                 \
+    charlm_sweep_##SUFFIX(M, N, K, a, lda, 1, packed, accumulate, c, ldc);        \
 }
 
 CHARLM_DEFINE_PACKED_GEMM(f, float, charlm_vf, CHARLM_NR_F)

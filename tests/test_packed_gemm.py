@@ -33,14 +33,33 @@ def _tolerance(a, b, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("N", COLS)
-def test_matches_numpy_for_every_remainder(dtype, M, N):
+@pytest.mark.parametrize("a_transposed", [False, True], ids=["A", "A.T"])
+def test_matches_numpy_for_every_remainder(dtype, M, N, a_transposed):
+    """Both ways of reading A: rows of A (the recurrences) and columns of a
+    stored A.T (the weight gradients, dgates.T @ x)."""
     rng = np.random.default_rng(M * 1000 + N)
     for Kd in DEPTHS:
         a, b = _operands(rng, M, Kd, N, dtype)
         out = np.full((M, N), np.nan, dtype)          # overwritten, never read
-        K.packed_matmul(a, b, out)
+        stored = np.ascontiguousarray(a.T) if a_transposed else a
+        K.packed_matmul(stored, b, out, a_transposed=a_transposed)
         exact = a.astype(np.float64) @ b.astype(np.float64)
         assert np.all(np.abs(out - exact) <= _tolerance(a, b, dtype)), (M, Kd, N)
+
+
+# 512 gate rows: 100 rows of dgates are 0.2 MB (the packed product), 2100 rows
+# 4.3 MB (over the 4 MB limit: BLAS).
+@pytest.mark.parametrize("rows", [100, 2100])
+def test_weight_gradient_on_both_sides_of_the_size_limit(rows):
+    rng = np.random.default_rng(rows)
+    G, In = 512, 40
+    x = rng.standard_normal((rows, In)).astype(np.float32)
+    W_ih = rng.standard_normal((G, In)).astype(np.float32)
+    dgates = rng.standard_normal((rows, G)).astype(np.float32)
+    dW, db, dx = np.empty((G, In), np.float32), np.empty(G, np.float32), np.empty((rows, In), np.float32)
+    K.input_from_dense_backward(x, W_ih, dgates, dW, db, dx)
+    exact = dgates.T.astype(np.float64) @ x.astype(np.float64)
+    assert np.all(np.abs(dW - exact) <= _tolerance(dgates.T, x, np.float32))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
