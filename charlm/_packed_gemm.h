@@ -147,12 +147,21 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
      * cannot keep the FMA units busy (too few independent accumulators),     \
      * which cost 4-5% on 25 rows. */                                          \
     int blocks = (M + CHARLM_MR - 1) / CHARLM_MR;                                 \
-    int n0, m0, block, rows;                                                      \
-    for (n0 = 0; n0 < N; n0 += NR) {                                              \
-        const REAL* panel = packed + (size_t)(n0 / NR) * NR * K;                  \
-        int width = N - n0 < NR ? N - n0 : NR;                                    \
-        for (m0 = 0, block = 0; m0 < M; m0 += rows, block++) {                    \
-            rows = M / blocks + (block < M % blocks);                             \
+    int panels = (N + NR - 1) / NR;                                               \
+    int n0, m0, block, rows, step;                                                \
+    /* Which loop is outer: A read in place (transposed) is the large operand   \
+     * (all of dgates), so each of its row blocks is used for every panel       \
+     * while in cache, and A is read from memory once; otherwise each panel of  \
+     * B serves every row block while it is in cache. */                        \
+    for (step = 0; step < blocks * panels; step++) {                              \
+        int panel_index = a_transposed ? step % panels : step / blocks;           \
+        block = a_transposed ? step / panels : step % blocks;                     \
+        n0 = panel_index * NR;                                                    \
+        m0 = block * (M / blocks) + (block < M % blocks ? block : M % blocks);    \
+        rows = M / blocks + (block < M % blocks);                                 \
+        {                                                                         \
+            const REAL* panel = packed + (size_t)panel_index * NR * K;            \
+            int width = N - n0 < NR ? N - n0 : NR;                                \
             const REAL* a_m = a + (a_transposed ? (size_t)m0 : (size_t)m0 * lda); \
             REAL* c_m = c + (size_t)m0 * ldc + n0;                                \
             switch (rows) {                                                       \
