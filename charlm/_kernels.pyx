@@ -16,8 +16,8 @@ A layer's work is split in three kernels, called in order by charlm.model:
     recurrence         the time loop in C: one (B,H)@(H,G) product per step
                        with W_hh packed once per chunk (pack, packed_gemm),
                        then the cell's element-wise equations
-    backward           the same in reverse; the weight gradients are one GEMM
-                       each over all N rows, after the loop
+    backward           the same in reverse; the weight gradients are one product
+                       each over all N rows, after the loop (weight_gradient)
 
 Every function validates the shapes it receives before it releases the GIL:
 the loops run without bounds checks, so this is the memory-safety boundary.
