@@ -146,8 +146,12 @@ def test_cli_bad_options_give_one_line_and_exit_code_2(args, words):
 def test_lstm_remembers_across_a_lag_where_a_tanh_rnn_stays_at_chance():
     """Copy at lag 40, same size (1 x 64), same budget: the LSTM's additive
     cell path carries the gradient back 40 steps; the tanh RNN's Jacobian
-    product does not, and it learns nothing (about 8 s in all)."""
-    budget = dict(task="copy", lag=40, hidden=64, steps=1500, eval_sequences=500, seed=0)
+    product does not, and it learns nothing (about 10 s in all).
+
+    The budget has margin: the LSTM solves this between steps 1,500 and 1,700
+    for seed 0 in some builds (the rounding of another vector width or of the
+    debug build changes the trajectory), so it gets 2,000."""
+    budget = dict(task="copy", lag=40, hidden=64, steps=2000, eval_sequences=500, seed=0)
     lstm = run_task(TaskOptions(cell="lstm", **budget))
     rnn = run_task(TaskOptions(cell="rnn", **budget))
     assert lstm.accuracy > 0.95, lstm.summary()
