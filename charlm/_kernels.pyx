@@ -705,7 +705,9 @@ cdef inline void gru_units(int H, real* gate, const real* hh, const real* h_prev
     """One stream, one step, after the products: gate (3H,) holds W_ih x + b_ih
     as [r|z|n] and receives the activated gates; hh (3H,) holds W_hh h + b_hh;
     writes h = h_t. h may be h_prev (the sampler updates in place). One short
-    loop per equation, so that gcc vectorises each (see lstm_units)."""
+    loop per equation, so that gcc vectorises each: a single loop over all the
+    arrays needs more run-time overlap checks than gcc makes, and stays scalar
+    (the LSTM's equations are in C for this reason: _lstm_units.h)."""
     cdef int j
     cdef real* r = gate
     cdef real* z = gate + H
