@@ -557,16 +557,14 @@ cdef extern from "_lstm_units.h":
                                      float* tanh_c, float* h, const float* peep) noexcept nogil
     void charlm_lstm_forward_units_d(int H, double* gate, const double* c_prev, double* c,
                                      double* tanh_c, double* h, const double* peep) noexcept nogil
-    void charlm_lstm_backward_units_f(int H, const float* gate, const float* c_prev,
+    void charlm_lstm_backward_units_f(int H, float* gate, const float* c_prev,
                                       const float* c_t, const float* tanh_c,
                                       const float* dh_next, const float* dh_up, float* dc,
-                                      float* dgate, const float* peep,
-                                      float* dpeep) noexcept nogil
-    void charlm_lstm_backward_units_d(int H, const double* gate, const double* c_prev,
+                                      const float* peep, float* dpeep) noexcept nogil
+    void charlm_lstm_backward_units_d(int H, double* gate, const double* c_prev,
                                       const double* c_t, const double* tanh_c,
                                       const double* dh_next, const double* dh_up, double* dc,
-                                      double* dgate, const double* peep,
-                                      double* dpeep) noexcept nogil
+                                      const double* peep, double* dpeep) noexcept nogil
 
 
 cdef inline void lstm_units(int H, real* gate, const real* c_prev, real* c,
@@ -582,20 +580,20 @@ cdef inline void lstm_units(int H, real* gate, const real* c_prev, real* c,
         charlm_lstm_forward_units_d(H, gate, c_prev, c, tanh_c, h, peep)
 
 
-cdef inline void lstm_backward_units(int H, const real* gate, const real* c_prev,
+cdef inline void lstm_backward_units(int H, real* gate, const real* c_prev,
                                      const real* c_t, const real* tanh_c,
                                      const real* dh_next, const real* dh_up, real* dc,
-                                     real* dgate, const real* peep,
-                                     real* dpeep) noexcept nogil:
+                                     const real* peep, real* dpeep) noexcept nogil:
     """One stream, one step of BPTT through the equations of lstm_units:
+    gate (4H,): in the activated gates, out dL/d(pre-activations);
     dL/dh_t = dh_next + dh_up; dc (H,): in dL/dc_t, out dL/dc_{t-1};
-    dgate (4H,) written; dpeep (3H,) accumulated when peep is not NULL."""
+    dpeep (3H,) accumulated when peep is not NULL."""
     if real is float:
         charlm_lstm_backward_units_f(H, gate, c_prev, c_t, tanh_c, dh_next, dh_up, dc,
-                                     dgate, peep, dpeep)
+                                     peep, dpeep)
     else:
         charlm_lstm_backward_units_d(H, gate, c_prev, c_t, tanh_c, dh_next, dh_up, dc,
-                                     dgate, peep, dpeep)
+                                     peep, dpeep)
 
 
 cdef inline const real* _peep_pointer(const real[:, ::1] peep, int H) except? NULL:
@@ -639,20 +637,21 @@ def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
         free(W_hhT)
 
 
-def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
+def lstm_backward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
                   const real[:, :, ::1] h, const real[:, :, ::1] c,
                   const real[:, :, ::1] tanh_c, const real[:, :, ::1] dh_out,
                   real[:, ::1] dh_carry, real[:, ::1] dc_carry,
-                  real[:, :, ::1] dgates, real[:, ::1] dW_hh,
+                  real[:, ::1] dW_hh,
                   const real[:, ::1] peep=None, real[:, ::1] dpeep=None):
     """Truncated BPTT through the chunk.
 
-    gates (T, B, 4H) activated, h, c (T+1, B, H), tanh_c (T, B, H): from
-        lstm_forward. W_hh (4H, H).
+    gates (T, B, 4H): in, the activated gates from lstm_forward; out, dgates,
+        dL/d(pre-activation) of [i|f|g|o] (in place: one buffer instead of
+        two keeps more of the chunk in cache; measured in benchmarks/README).
+    h, c (T+1, B, H), tanh_c (T, B, H): from lstm_forward. W_hh (4H, H).
     dh_out (T, B, H): dL/dh_t arriving from above.
     dh_carry, dc_carry (B, H): in, dL/dh_T and dL/dc_T from beyond the chunk;
         out, dL/dh_0 and dL/dc_0.
-    dgates (T, B, 4H) written: dL/d(pre-activation) of [i|f|g|o].
     dW_hh (4H, H) overwritten.
     peep (3, H), dpeep (3, H) overwritten: the peephole LSTM; both None
         for the plain one.
@@ -664,7 +663,6 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
     cdef real* W_hh_packed
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(c, 3) == (T + 1, B, H) and _shape(tanh_c, 3) == (T, B, H)
-             and _shape(dgates, 3) == (T, B, G)
              and _shape(dh_carry, 2) == (B, H) and _shape(dc_carry, 2) == (B, H),
              "lstm_backward: shape mismatch")
     _require((peep is None) == (dpeep is None), "lstm_backward: pass peep and dpeep together")
@@ -679,14 +677,15 @@ def lstm_backward(const real[:, :, ::1] gates, const real[:, ::1] W_hh,
             for t in range(T - 1, -1, -1):
                 for b in range(B):
                     # dc_carry[b] goes from dL/dc_t to dL/dc_{t-1}
+                    # gates[t, b] becomes dgates[t, b]
                     lstm_backward_units(H, &gates[t, b, 0], &c[t, b, 0], &c[t + 1, b, 0],
                                         &tanh_c[t, b, 0], &dh_carry[b, 0], &dh_out[t, b, 0],
-                                        &dc_carry[b, 0], &dgates[t, b, 0], w_peep, dw_peep)
+                                        &dc_carry[b, 0], w_peep, dw_peep)
                 # dh_carry = dgates[t] @ W_hh      (B,H) = (B,4H) @ (4H,H)
-                times_W_hh(B, G, H, &dgates[t, 0, 0], &W_hh[0, 0], W_hh_packed, False,
+                times_W_hh(B, G, H, &gates[t, 0, 0], &W_hh[0, 0], W_hh_packed, False,
                            &dh_carry[0, 0])
             # dW_hh = dgates.T @ h[:T]             (4H,H) = (4H,N) @ (N,H)
-            weight_gradient(G, H, T * B, &dgates[0, 0, 0], &h[0, 0, 0], &dW_hh[0, 0])
+            weight_gradient(G, H, T * B, &gates[0, 0, 0], &h[0, 0, 0], &dW_hh[0, 0])
     finally:
         free(W_hh_packed)
 

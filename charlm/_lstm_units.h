@@ -81,27 +81,27 @@ static inline void charlm_lstm_forward_units_##SUFFIX(                          
         charlm_lstm_forward_loop_##SUFFIX(H, gate, c_prev, c, tanh_c, h, peep, 0);\
 }                                                                                 \
                                                                                   \
-/* Backward. gate (4H) activated, c_prev, c_t, tanh_c (H): from the forward.    \
+/* Backward. gate (4H): in, the activated i, f, g, o of the forward; out,       \
+ * dL/d their pre-activations (in place: the activations are not needed after   \
+ * this, and one buffer instead of two keeps more of the chunk in cache).        \
+ * c_prev, c_t, tanh_c (H): from the forward.                                    \
  * dL/dh_t = dh_next (from step t+1) + dh_up (from the layer or output above).   \
  * dc (H): in, dL/dc_t from step t+1; out, dL/dc_{t-1}.                          \
- * dgate (4H) written: dL/d pre-activations of i, f, g, o.                       \
  * With peep, dpeep (3H) accumulates the peephole weights' gradients. */         \
 static inline __attribute__((always_inline)) void                                \
 charlm_lstm_backward_loop_##SUFFIX(                                               \
-    int H, const REAL* restrict gate, const REAL* restrict c_prev,                \
+    int H, REAL* gate, const REAL* restrict c_prev,                               \
     const REAL* restrict c_t, const REAL* restrict tanh_c,                        \
     const REAL* restrict dh_next, const REAL* restrict dh_up,                     \
-    REAL* restrict dc, REAL* restrict dgate,                                      \
-    const REAL* restrict peep, REAL* restrict dpeep, const int has_peep)          \
+    REAL* restrict dc, const REAL* restrict peep, REAL* restrict dpeep,           \
+    const int has_peep)                                                           \
 {                                                                                 \
-    const REAL* restrict gi = gate;                                               \
-    const REAL* restrict gf = gate + H;                                           \
-    const REAL* restrict gg = gate + 2 * (size_t)H;                               \
-    const REAL* restrict go = gate + 3 * (size_t)H;                               \
-    REAL* restrict d_gi = dgate;                                                  \
-    REAL* restrict d_gf = dgate + H;                                              \
-    REAL* restrict d_gg = dgate + 2 * (size_t)H;                                  \
-    REAL* restrict d_go = dgate + 3 * (size_t)H;                                  \
+    /* Each block is read, then overwritten with its gradient, at the same j:   \
+     * the four block pointers never overlap, so each may be restrict. */       \
+    REAL* restrict gi = gate;                                                     \
+    REAL* restrict gf = gate + H;                                                 \
+    REAL* restrict gg = gate + 2 * (size_t)H;                                     \
+    REAL* restrict go = gate + 3 * (size_t)H;                                     \
     const REAL* restrict w_ci = peep;                                             \
     const REAL* restrict w_cf = has_peep ? peep + H : peep;                       \
     const REAL* restrict w_co = has_peep ? peep + 2 * (size_t)H : peep;           \
@@ -127,25 +127,25 @@ charlm_lstm_backward_loop_##SUFFIX(                                             
             dw_cf[j] += d_f * c_prev[j];                                          \
             dw_co[j] += d_o * c_t[j];                                             \
         }                                                                         \
-        d_gi[j] = d_i;                                                            \
-        d_gf[j] = d_f;                                                            \
-        d_gg[j] = d_g;                                                            \
-        d_go[j] = d_o;                                                            \
+        gi[j] = d_i;                                                              \
+        gf[j] = d_f;                                                              \
+        gg[j] = d_g;                                                              \
+        go[j] = d_o;                                                              \
         dc[j] = d_c_prev;                                                         \
     }                                                                             \
 }                                                                                 \
                                                                                   \
 static inline void charlm_lstm_backward_units_##SUFFIX(                           \
-    int H, const REAL* gate, const REAL* c_prev, const REAL* c_t,                \
+    int H, REAL* gate, const REAL* c_prev, const REAL* c_t,                      \
     const REAL* tanh_c, const REAL* dh_next, const REAL* dh_up, REAL* dc,        \
-    REAL* dgate, const REAL* peep, REAL* dpeep)                                   \
+    const REAL* peep, REAL* dpeep)                                                \
 {                                                                                 \
     if (peep)                                                                     \
         charlm_lstm_backward_loop_##SUFFIX(H, gate, c_prev, c_t, tanh_c, dh_next, \
-                                           dh_up, dc, dgate, peep, dpeep, 1);     \
+                                           dh_up, dc, peep, dpeep, 1);            \
     else                                                                          \
         charlm_lstm_backward_loop_##SUFFIX(H, gate, c_prev, c_t, tanh_c, dh_next, \
-                                           dh_up, dc, dgate, peep, dpeep, 0);     \
+                                           dh_up, dc, peep, dpeep, 0);            \
 }
 
 CHARLM_DEFINE_LSTM_UNITS(f, float, charlm_sigmoidf, charlm_tanhf)

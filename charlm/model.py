@@ -163,7 +163,8 @@ class _LayerCache:
         self.output = self.h[1:]                    # what the next layer sees
         self.dropout_mask = None
         # backward buffers, allocated with the forward ones and reused
-        self.dgates = np.empty((T, B, G), dtype)    # dL/d(gate pre-activations)
+        # dL/d(gate pre-activations); the LSTM's backward writes them over its gates
+        self.dgates = self.gates if config.has_cell_state else np.empty((T, B, G), dtype)
         self.dh_carry = np.empty((B, H), dtype)     # dL/dh flowing back through time
         self.d_input = np.empty((T * B, H), dtype)  # dL/d(layer input) (unused for layer 0)
         if config.has_cell_state:
@@ -423,8 +424,8 @@ class Model:
             dc_carry = cache.dc_carry
             dc_carry[...] = 0
             peep = f"weight_peep_l{layer}"
-            K.lstm_backward(cache.gates, W_hh, cache.h, cache.c, cache.tanh_c, dh_out,
-                            dh_carry, dc_carry, dgates, dW_hh, p.get(peep), g.get(peep))
+            K.lstm_backward(dgates, W_hh, cache.h, cache.c, cache.tanh_c, dh_out,
+                            dh_carry, dc_carry, dW_hh, p.get(peep), g.get(peep))
             if state_grad is not None:
                 state_grad.c[layer] = dc_carry
         elif cell == "gru":
