@@ -156,24 +156,25 @@ cdef real* pack(const real* b, int K, int N, Py_ssize_t stride_k,
     as much as the arithmetic; packing it once per chunk made that product
     1.5-2x faster on one core (benchmarks/README.md).
     """
-    cdef real* packed
-    if real is float:
-        packed = <real*>malloc(charlm_packed_size_f(K, N) * sizeof(real))
-    else:
-        packed = <real*>malloc(charlm_packed_size_d(K, N) * sizeof(real))
+    cdef real* packed = pack_or_null(b, K, N, stride_k, stride_n)
     if packed == NULL:
         raise MemoryError("cannot allocate the packed weights")
-    pack_into(b, K, N, stride_k, stride_n, packed)
     return packed
 
 
-cdef inline void pack_into(const real* b, int K, int N, Py_ssize_t stride_k,
-                           Py_ssize_t stride_n, real* packed) noexcept nogil:
-    """pack() into room the caller provides."""
+cdef real* pack_or_null(const real* b, int K, int N, Py_ssize_t stride_k,
+                        Py_ssize_t stride_n) noexcept nogil:
+    """pack() without the GIL: NULL when there is no memory for it."""
+    cdef real* packed
     if real is float:
-        charlm_pack_f(K, N, b, stride_k, stride_n, packed)
+        packed = <real*>malloc(charlm_packed_size_f(K, N) * sizeof(real))
+        if packed != NULL:
+            charlm_pack_f(K, N, b, stride_k, stride_n, packed)
     else:
-        charlm_pack_d(K, N, b, stride_k, stride_n, packed)
+        packed = <real*>malloc(charlm_packed_size_d(K, N) * sizeof(real))
+        if packed != NULL:
+            charlm_pack_d(K, N, b, stride_k, stride_n, packed)
+    return packed
 
 
 cdef inline void packed_gemm(int m, int n, int k, const real* a, int lda,
@@ -184,6 +185,17 @@ cdef inline void packed_gemm(int m, int n, int k, const real* a, int lda,
         charlm_packed_gemm_f(m, n, k, a, lda, packed, accumulate, c, ldc)
     else:
         charlm_packed_gemm_d(m, n, k, a, lda, packed, accumulate, c, ldc)
+
+
+cdef inline void packed_gemm_at(int m, int n, int k, const real* a, int lda,
+                                const real* packed, bint accumulate,
+                                real* c, int ldc) noexcept nogil:
+    """Row-major C[m,n] (+)= A.T @ B for A stored (k, m) with leading dimension
+    lda (read in place, transposed), B packed by pack()."""
+    if real is float:
+        charlm_packed_gemm_at_f(m, n, k, a, lda, packed, accumulate, c, ldc)
+    else:
+        charlm_packed_gemm_at_d(m, n, k, a, lda, packed, accumulate, c, ldc)
 
 
 # Weight gradients, dW (G, In) = dgates.T (G, N) @ x (N, In), summed over the
@@ -202,21 +214,12 @@ cdef void weight_gradient(int G, int In, int N, const real* dgates, const real* 
                           real* dW) noexcept nogil:
     """dW (G, In) = dgates.T @ x for dgates (N, G) and x (N, In), row-major."""
     cdef real* x_packed = NULL
-    cdef size_t size
     if <size_t>G * N * sizeof(real) <= PACKED_WEIGHT_GRADIENT_MAX_BYTES:
-        if real is float:
-            size = charlm_packed_size_f(N, In)
-        else:
-            size = charlm_packed_size_d(N, In)
-        x_packed = <real*>malloc(size * sizeof(real))
+        x_packed = pack_or_null(x, N, In, In, 1)
     if x_packed == NULL:            # too large, or no memory: BLAS needs none of ours
         gemm(True, False, G, In, N, 1, dgates, G, x, In, 0, dW, In)
         return
-    pack_into(x, N, In, In, 1, x_packed)
-    if real is float:
-        charlm_packed_gemm_at_f(G, In, N, dgates, G, x_packed, False, dW, In)
-    else:
-        charlm_packed_gemm_at_d(G, In, N, dgates, G, x_packed, False, dW, In)
+    packed_gemm_at(G, In, N, dgates, G, x_packed, False, dW, In)
     free(x_packed)
 
 
@@ -268,12 +271,7 @@ def packed_matmul(const real[:, ::1] a, const real[:, ::1] b, real[:, ::1] out,
     b_packed = pack(&b[0, 0], K, N, N, 1)
     with nogil:
         if a_transposed:
-            if real is float:
-                charlm_packed_gemm_at_f(M, N, K, &a[0, 0], M, b_packed, accumulate,
-                                        &out[0, 0], N)
-            else:
-                charlm_packed_gemm_at_d(M, N, K, &a[0, 0], M, b_packed, accumulate,
-                                        &out[0, 0], N)
+            packed_gemm_at(M, N, K, &a[0, 0], M, b_packed, accumulate, &out[0, 0], N)
         else:
             packed_gemm(M, N, K, &a[0, 0], K, b_packed, accumulate, &out[0, 0], N)
     free(b_packed)
@@ -296,10 +294,11 @@ cdef inline void add_into(real* y, const real* x, size_t n) noexcept nogil:
         y[i] += x[i]
 
 
-# Reductions over one row, written as LANES independent partial results so
-# that gcc vectorises them: a single running max or sum is one serial chain
-# of dependent operations, which the compiler may not reorder without
-# -ffast-math. The order is fixed, so the result is deterministic.
+# Reductions over one row, written as LANES independent partial results: a
+# single running max or sum is one serial chain of dependent operations
+# (each waits for the last), which the compiler may not reorder without
+# -ffast-math; LANES chains overlap in the CPU. The order is fixed, so the
+# result is deterministic.
 cdef enum:
     LANES = 8
 
@@ -647,7 +646,7 @@ def lstm_backward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
 
     gates (T, B, 4H): in, the activated gates from lstm_forward; out, dgates,
         dL/d(pre-activation) of [i|f|g|o] (in place: one buffer instead of
-        two keeps more of the chunk in cache; measured in benchmarks/README).
+        two keeps more of the chunk in cache; measured in the README's Speed).
     h, c (T+1, B, H), tanh_c (T, B, H): from lstm_forward. W_hh (4H, H).
     dh_out (T, B, H): dL/dh_t arriving from above.
     dh_carry, dc_carry (B, H): in, dL/dh_T and dL/dc_T from beyond the chunk;
@@ -1364,7 +1363,7 @@ cdef inline real sqrt_(real x) noexcept nogil:
         return sqrt(x)
 
 
-def _check_same_length(tuple arrays):
+cdef void _check_same_length(tuple arrays) except *:
     n = arrays[0].shape[0]
     _require(all(a.shape[0] == n for a in arrays), "optimiser arrays differ in length")
 
