@@ -138,6 +138,13 @@ cdef extern from "_packed_gemm.h":
     void charlm_packed_gemm_d(int M, int N, int K, const double* a, int lda,
                               const double* packed, int accumulate, double* c,
                               int ldc) noexcept nogil
+    void charlm_packed_gemm_bias_f(int M, int N, int K, const float* a, int lda,
+                                   const float* packed, const float* bias, float* c,
+                                   int ldc) noexcept nogil
+    void charlm_packed_gemm_bias_d(int M, int N, int K, const double* a, int lda,
+                                   const double* packed, const double* bias, double* c,
+                                   int ldc) noexcept nogil
+    const int CHARLM_NR_F, CHARLM_NR_D   # columns per packed panel
     void charlm_packed_gemm_at_f(int M, int N, int K, const float* a, int lda,
                                  const float* packed, int accumulate, float* c,
                                  int ldc) noexcept nogil
@@ -227,6 +234,57 @@ cdef void weight_gradient(int G, int In, int N, const real* dgates, const real* 
 # one stream (B = 1: evaluation, sampling through the model) each is a
 # matrix-vector product: GEMV streams W_hh once per step on BLAS's threads,
 # which beats the packed kernel on one core, so nothing is packed then.
+
+# Products with a weight matrix over all T*B rows of a chunk (input
+# projections, the output layer and their gradients) also go through a packed
+# copy of the weights: packing costs one pass over W, and the packed kernel
+# beat OpenBLAS's sgemm on one thread (benchmarks/README.md). Not worth it:
+# a few rows, which do not repay the packing; a width that leaves much of the
+# last panel padding (V = 65 is two panels of 32 and one of a single column);
+# and weights larger than a core's L2 cache, where the packed kernel gains
+# least and where a single-stream evaluation, which gives BLAS both cores,
+# lost 10% on a 2x512 LSTM. Those, and a failed allocation, go to BLAS.
+cdef enum:
+    PACKED_PRODUCT_MIN_ROWS = 8
+    PACKED_PRODUCT_MAX_WEIGHT_BYTES = 1 << 20
+
+
+cdef inline bint worth_packing(int m, int n, int k, real* kind) noexcept nogil:
+    """For the product of m rows by k x n weights (kind only picks the precision)."""
+    cdef int panel = CHARLM_NR_F if real is float else CHARLM_NR_D
+    cdef int padding = (n + panel - 1) // panel * panel - n
+    return (m >= PACKED_PRODUCT_MIN_ROWS and 8 * padding <= n
+            and <size_t>n * k * sizeof(real) <= PACKED_PRODUCT_MAX_WEIGHT_BYTES)
+
+
+cdef void times_weights(bint w_transposed, int m, int n, int k, const real* a, int lda,
+                        const real* w, int ldw, const real* bias, bint accumulate,
+                        real* c, int ldc) noexcept nogil:
+    """c (m, n) = a (m, k) @ op(w) + bias (n,) on every row, or without bias
+    (NULL) c (+)= a @ op(w). op(w) = w.T for w stored (n, k) when w_transposed,
+    else w stored (k, n); ldw is w's row stride. bias requires not accumulate."""
+    cdef real* packed = NULL
+    cdef int r
+    if worth_packing(m, n, k, c):
+        if w_transposed:
+            packed = pack_or_null(w, k, n, 1, ldw)
+        else:
+            packed = pack_or_null(w, k, n, ldw, 1)
+    if packed == NULL:
+        if bias != NULL:
+            for r in range(m):
+                memcpy(c + <size_t>r * ldc, bias, n * sizeof(real))
+        gemm(False, w_transposed, m, n, k, 1, a, lda, w, ldw,
+             accumulate or bias != NULL, c, ldc)
+    elif bias != NULL:             # added as each block of c is stored
+        if real is float:
+            charlm_packed_gemm_bias_f(m, n, k, a, lda, packed, bias, c, ldc)
+        else:
+            charlm_packed_gemm_bias_d(m, n, k, a, lda, packed, bias, c, ldc)
+    else:
+        packed_gemm(m, n, k, a, lda, packed, accumulate, c, ldc)
+    free(packed)
+
 
 cdef real* pack_W_hhT(const real* W_hh, int G, int H, int B) except? NULL:
     """W_hh.T (H, G) packed for times_W_hhT; NULL when B == 1."""
@@ -406,16 +464,13 @@ def input_from_dense(const real[:, ::1] x, const real[:, ::1] W_ih,
     x (N, In), W_ih (G, In), bias (G,), gates (N, G) written.
     """
     cdef int N = x.shape[0], In = x.shape[1], G = W_ih.shape[0]
-    cdef int r
     _require(W_ih.shape[1] == In and bias.shape[0] == G
              and gates.shape[0] == N and gates.shape[1] == G,
              "input_from_dense: shape mismatch")
     with nogil:
-        for r in range(N):
-            memcpy(&gates[r, 0], &bias[0], G * sizeof(real))
-        # gates += x @ W_ih.T                      (N,G) += (N,In) @ (In,G)
-        gemm(False, True, N, G, In, 1, &x[0, 0], In, &W_ih[0, 0], In,
-             1, &gates[0, 0], G)
+        # gates = x @ W_ih.T + bias                (N,G) = (N,In) @ (In,G) + (G,)
+        times_weights(True, N, G, In, &x[0, 0], In, &W_ih[0, 0], In, &bias[0],
+                      False, &gates[0, 0], G)
 
 
 def input_from_dense_backward(const real[:, ::1] x, const real[:, ::1] W_ih,
@@ -435,8 +490,8 @@ def input_from_dense_backward(const real[:, ::1] x, const real[:, ::1] W_ih,
         # dW_ih = dgates.T @ x                     (G,In) = (G,N) @ (N,In)
         weight_gradient(G, In, N, &dgates[0, 0], &x[0, 0], &dW_ih[0, 0])
         # dx = dgates @ W_ih                       (N,In) = (N,G) @ (G,In)
-        gemm(False, False, N, In, G, 1, &dgates[0, 0], G, &W_ih[0, 0], In,
-             0, &dx[0, 0], In)
+        times_weights(False, N, In, G, &dgates[0, 0], G, &W_ih[0, 0], In, NULL,
+                      False, &dx[0, 0], In)
         column_sums(&dgates[0, 0], N, G, &dbias[0])
 
 

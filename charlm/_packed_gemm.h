@@ -44,12 +44,22 @@
 #endif
 
 /* The micro-kernel for blocks of 7 and 8 rows exists only when MR allows it. */
+/* One call of the micro-kernel inside the sweep, for a block of ROWS rows. */
+#define CHARLM_MICRO(SUFFIX, ROWS) \
+    charlm_micro_##SUFFIX(ROWS, width, K, a_m, lda, a_transposed, panel, accumulate, bias_n, c_m, ldc)
+
 #if CHARLM_MR == 8
-#define CHARLM_MICRO_CASES_7_8(SUFFIX)                                                             \
-            case 8: charlm_micro_##SUFFIX(8, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
-            case 7: charlm_micro_##SUFFIX(7, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break;
+#define CHARLM_MICRO_CASES_7_8(SUFFIX) \
+            case 8: CHARLM_MICRO(SUFFIX, 8); break; \
+            case 7: CHARLM_MICRO(SUFFIX, 7); break;
 #else
 #define CHARLM_MICRO_CASES_7_8(SUFFIX)
+#endif
+
+/* From this many rows of A on (a whole chunk, not one time step), the sweep
+ * takes row blocks in the outer loop (see charlm_sweep). */
+#ifndef CHARLM_ROWS_OUTER_MIN
+#define CHARLM_ROWS_OUTER_MIN 256
 #endif
 
 /* Vector types that may be loaded from any float-aligned address. */
@@ -98,14 +108,19 @@ static inline void charlm_pack_##SUFFIX(int K, int N, const REAL* b,            
 static inline __attribute__((always_inline)) void                                \
 charlm_micro_##SUFFIX(const int rows, int width, int K, const REAL* a, int lda,  \
                       const int a_transposed, const REAL* panel, int accumulate,  \
-                      REAL* c, int ldc)                                           \
+                      const REAL* bias, REAL* c, int ldc)                         \
 {                                                                                 \
     const int half = NR / 2;                                                      \
     VEC acc0[CHARLM_MR], acc1[CHARLM_MR];                                         \
+    VEC bias0 = (VEC){0}, bias1 = (VEC){0};                                       \
     int r, k, j;                                                                  \
+    if (bias != NULL) {                         /* padded to NR by the caller */  \
+        bias0 = *(const VEC*)bias;                                                \
+        bias1 = *(const VEC*)(bias + half);                                       \
+    }                                                                             \
     for (r = 0; r < rows; r++) {                                                  \
-        acc0[r] = (VEC){0};                                                       \
-        acc1[r] = (VEC){0};                                                       \
+        acc0[r] = bias0;                                                          \
+        acc1[r] = bias1;                                                          \
     }                                                                             \
     for (k = 0; k < K; k++) {                                                     \
         VEC b0 = *(const VEC*)(panel + (size_t)k * NR);                           \
@@ -136,11 +151,12 @@ charlm_micro_##SUFFIX(const int rows, int width, int K, const REAL* a, int lda, 
     }                                                                             \
 }                                                                                 \
                                                                                   \
-/* The sweep of the micro-kernel over the row blocks and the panels. */         \
+/* The sweep of the micro-kernel over the row blocks and the panels.          \
+ * bias (NULL for none): N values added to every row of C. */                    \
 static inline __attribute__((always_inline)) void                                \
 charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,               \
                       const int a_transposed, const REAL* packed, int accumulate, \
-                      REAL* c, int ldc)                                           \
+                      const REAL* bias, REAL* c, int ldc)                         \
 {                                                                                 \
     /* The M rows are cut into as few blocks as MR allows, of nearly equal    \
      * heights (25 = 7+6+6+6, not 8+8+8+1): a block of one or two rows         \
@@ -148,30 +164,40 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
      * which cost 4-5% on 25 rows. */                                          \
     int blocks = (M + CHARLM_MR - 1) / CHARLM_MR;                                 \
     int panels = (N + NR - 1) / NR;                                               \
+    /* Which loop is outer. Panels outer for a recurrent step's few rows: a   \
+     * panel stays in L1 while every row block passes it. Row blocks outer     \
+     * when A is all rows of a chunk: read in place transposed (all of         \
+     * dgates), each of its blocks serves every panel while in cache and A is   \
+     * read from memory once; not transposed, a block's rows of C are finished \
+     * while in L1 instead of being revisited once per panel. */               \
+    const int rows_outer = a_transposed || M >= CHARLM_ROWS_OUTER_MIN;            \
+    REAL bias_tail[NR];                         /* the last panel's, padded */    \
     int n0, m0, block, rows, step;                                                \
-    /* Which loop is outer: A read in place (transposed) is the large operand   \
-     * (all of dgates), so each of its row blocks is used for every panel       \
-     * while in cache, and A is read from memory once; otherwise each panel of  \
-     * B serves every row block while it is in cache. */                        \
+    if (bias != NULL && N % NR != 0) {                                            \
+        for (n0 = 0; n0 < NR; n0++)                                               \
+            bias_tail[n0] = (panels - 1) * NR + n0 < N ? bias[(panels - 1) * NR + n0] : 0; \
+    }                                                                             \
     for (step = 0; step < blocks * panels; step++) {                              \
-        int panel_index = a_transposed ? step % panels : step / blocks;           \
-        block = a_transposed ? step / panels : step % blocks;                     \
+        int panel_index = rows_outer ? step % panels : step / blocks;             \
+        block = rows_outer ? step / panels : step % blocks;                       \
         n0 = panel_index * NR;                                                    \
         m0 = block * (M / blocks) + (block < M % blocks ? block : M % blocks);    \
         rows = M / blocks + (block < M % blocks);                                 \
         {                                                                         \
             const REAL* panel = packed + (size_t)panel_index * NR * K;            \
             int width = N - n0 < NR ? N - n0 : NR;                                \
+            const REAL* bias_n = bias == NULL ? NULL                              \
+                                 : width == NR ? bias + n0 : bias_tail;           \
             const REAL* a_m = a + (a_transposed ? (size_t)m0 : (size_t)m0 * lda); \
             REAL* c_m = c + (size_t)m0 * ldc + n0;                                \
             switch (rows) {                                                       \
             CHARLM_MICRO_CASES_7_8(SUFFIX)                                        \
-            case 6: charlm_micro_##SUFFIX(6, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
-            case 5: charlm_micro_##SUFFIX(5, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
-            case 4: charlm_micro_##SUFFIX(4, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
-            case 3: charlm_micro_##SUFFIX(3, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
-            case 2: charlm_micro_##SUFFIX(2, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
-            default: charlm_micro_##SUFFIX(1, width, K, a_m, lda, a_transposed, panel, accumulate, c_m, ldc); break; \
+            case 6: CHARLM_MICRO(SUFFIX, 6); break;                               \
+            case 5: CHARLM_MICRO(SUFFIX, 5); break;                               \
+            case 4: CHARLM_MICRO(SUFFIX, 4); break;                               \
+            case 3: CHARLM_MICRO(SUFFIX, 3); break;                               \
+            case 2: CHARLM_MICRO(SUFFIX, 2); break;                               \
+            default: CHARLM_MICRO(SUFFIX, 1); break;                              \
             }                                                                     \
         }                                                                         \
     }                                                                             \
@@ -184,7 +210,19 @@ static inline void charlm_packed_gemm_##SUFFIX(int M, int N, int K,             
                                                const REAL* packed,                \
                                                int accumulate, REAL* c, int ldc)  \
 {                                                                                 \
-    charlm_sweep_##SUFFIX(M, N, K, a, lda, 0, packed, accumulate, c, ldc);        \
+    charlm_sweep_##SUFFIX(M, N, K, a, lda, 0, packed, accumulate, NULL, c, ldc);  \
+}                                                                                 \
+                                                                                  \
+/* C = A @ B + bias (N values, added to every row): an input projection with     \
+ * its bias added as each block of C is stored, not written first and read     \
+ * back. */                                                                      \
+static inline void charlm_packed_gemm_bias_##SUFFIX(int M, int N, int K,          \
+                                                    const REAL* a, int lda,       \
+                                                    const REAL* packed,           \
+                                                    const REAL* bias, REAL* c,    \
+                                                    int ldc)                      \
+{                                                                                 \
+    charlm_sweep_##SUFFIX(M, N, K, a, lda, 0, packed, 0, bias, c, ldc);           \
 }                                                                                 \
                                                                                   \
 /* The same with A stored transposed, C (+)= A.T @ B for a row-major K x M A:   \
@@ -196,7 +234,7 @@ static inline void charlm_packed_gemm_at_##SUFFIX(int M, int N, int K,          
                                                   int accumulate, REAL* c,        \
                                                   int ldc)                        \
 {                                                                                 \
-    charlm_sweep_##SUFFIX(M, N, K, a, lda, 1, packed, accumulate, c, ldc);        \
+    charlm_sweep_##SUFFIX(M, N, K, a, lda, 1, packed, accumulate, NULL, c, ldc);  \
 }
 
 CHARLM_DEFINE_PACKED_GEMM(f, float, charlm_vf, CHARLM_NR_F)

@@ -103,3 +103,44 @@ def test_rejects_mismatched_shapes():
         K.packed_matmul(a, np.ones((5, 2), np.float32), np.zeros((3, 2), np.float32))
     with pytest.raises(ValueError):
         K.packed_matmul(a, np.ones((4, 2), np.float32), np.zeros((3, 3), np.float32))
+
+
+# The products over all rows of a chunk: input projections (with their bias
+# added as C is stored) and dL/dx. Rows below 8 and widths that would leave much
+# of the last panel padding (65 = 32 + 32 + 1) go to BLAS; 300 rows take the
+# sweep with row blocks outer; 60 columns end in a partial panel with a bias.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [1, 7, 8, 25, 300])
+@pytest.mark.parametrize("width", [16, 60, 65, 128])
+def test_input_projection_and_its_backward_on_both_paths(dtype, rows, width):
+    rng = np.random.default_rng(rows * 1000 + width)
+    In = 37
+    x = rng.standard_normal((rows, In)).astype(dtype)
+    W_ih = rng.standard_normal((width, In)).astype(dtype)
+    bias = rng.standard_normal(width).astype(dtype)
+    gates = np.full((rows, width), np.nan, dtype)         # overwritten, never read
+    K.input_from_dense(x, W_ih, bias, gates)
+    exact = x.astype(np.float64) @ W_ih.T.astype(np.float64) + bias
+    assert np.all(np.abs(gates - exact) <= _tolerance(x, W_ih.T, dtype)
+                  + 4 * np.finfo(dtype).eps * np.abs(exact))
+
+    dgates = rng.standard_normal((rows, width)).astype(dtype)
+    dW, db = np.empty((width, In), dtype), np.empty(width, dtype)
+    dx = np.full((rows, In), np.nan, dtype)
+    K.input_from_dense_backward(x, W_ih, dgates, dW, db, dx)
+    exact_dx = dgates.astype(np.float64) @ W_ih.astype(np.float64)
+    assert np.all(np.abs(dx - exact_dx) <= _tolerance(dgates, W_ih, dtype))
+
+
+@pytest.mark.parametrize("a_transposed", [False, True], ids=["A", "A.T"])
+def test_many_rows_sweep_row_blocks_first(a_transposed):
+    """300 rows: the sweep's other loop order, accumulating."""
+    rng = np.random.default_rng(3)
+    a, b = _operands(rng, 300, 45, 70, np.float32)
+    start = rng.standard_normal((300, 70)).astype(np.float32)
+    out = start.copy()
+    stored = np.ascontiguousarray(a.T) if a_transposed else a
+    K.packed_matmul(stored, b, out, accumulate=True, a_transposed=a_transposed)
+    exact = start.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
+    assert np.all(np.abs(out - exact) <= _tolerance(a, b, np.float32)
+                  + 4 * np.finfo(np.float32).eps * np.abs(exact))
