@@ -282,7 +282,7 @@ class Model:
         """
         x, y = self._check_chunk(x, y, state)
         caches = self._forward(x, state, dropout, rng)
-        logits = self._logits(caches[-1])
+        logits = self._logits(caches[-1].output)
         loss = K.softmax_cross_entropy(logits, y.reshape(-1))   # logits -> dlogits
         self._backward(x, caches, logits, state_grad)
         return loss, self.grads, self._final_state(caches)
@@ -291,7 +291,7 @@ class Model:
         """Forward only: (mean loss in nats, final State)."""
         x, y = self._check_chunk(x, y, state)
         caches = self._forward(x, state, 0.0, None)
-        logp = self._target_log_probs(caches[-1], y)
+        logp = self._target_log_probs(caches[-1].output, y)
         scored = max(int(np.count_nonzero(y != IGNORE)), 1)
         return float(-logp.sum() / scored), self._final_state(caches)
 
@@ -300,7 +300,7 @@ class Model:
         0 where y is IGNORE; final State)."""
         x, y = self._check_chunk(x, y, state)
         caches = self._forward(x, state, 0.0, None)
-        logp = self._target_log_probs(caches[-1], y)
+        logp = self._target_log_probs(caches[-1].output, y)
         return logp.reshape(y.shape), self._final_state(caches)
 
     def next_logits(self, x, state):
@@ -309,15 +309,21 @@ class Model:
         x, _ = self._check_chunk(x, x, state)
         caches = self._forward(x, state, 0.0, None)
         B = x.shape[1]
-        return self._logits(caches[-1])[-B:].copy(), self._final_state(caches)
+        return self._logits(caches[-1].output)[-B:].copy(), self._final_state(caches)
 
     # -- forward -------------------------------------------------------------
 
     def _forward(self, x, state, dropout, rng):
         T, B = x.shape
         caches = self._workspace(T, B)
-        below = None
-        for layer, cache in enumerate(caches):
+        self._forward_layers(x, state, caches, range(len(caches)), None, dropout, rng)
+        return caches
+
+    def _forward_layers(self, x, state, caches, layers, below, dropout=0.0, rng=None):
+        """Forward through `layers` (consecutive indices); `below` is the output
+        of the layer under the first one (None when that is layer 0, which reads x)."""
+        for layer in layers:
+            cache = caches[layer]
             self._project_inputs(layer, x, below, cache)
             self._recur(layer, state, cache)
             cache.dropout_mask = None
@@ -326,11 +332,44 @@ class Model:
                 cache.dropout_mask = _dropout_mask(rng, below.shape, dropout, below.dtype)
                 below = below * cache.dropout_mask
             cache.output = below
-        return caches
+
+    # A forward-only pass in two stages, lower layers and upper layers plus the
+    # output, so that two threads can overlap consecutive chunks of one stream
+    # (charlm.evaluate): while the upper stage scores chunk k, the lower stage
+    # runs chunk k+1. Each stage reads and updates only its own layers of its
+    # own State. The lower stage owns the workspace; the upper one is handed it.
+
+    def forward_lower(self, x, y, state, split):
+        """Layers [0, split) over chunk x (T, B), state updated in place for
+        those layers. Validates x, y and state for both stages. Returns what
+        forward_upper takes: (workspace, a copy of layer split-1's output, y)."""
+        x, y = self._check_chunk(x, y, state)
+        T, B = x.shape
+        caches = self._workspace(T, B)
+        workspace = self._current
+        self._forward_layers(x, state, caches, range(split), None)
+        _keep_final_state(state, caches, range(split))
+        # a copy: the next chunk's lower stage overwrites this layer's h
+        return workspace, caches[split - 1].output.copy(), y
+
+    def forward_upper(self, handed, state, split):
+        """Layers [split, L), the output layer and the log-probabilities of y
+        (as log_probs returns them) for a chunk forward_lower has run; state is
+        updated in place for those layers."""
+        workspace, below, y = handed
+        caches = workspace.caches
+        self._forward_layers(None, state, caches, range(split, len(caches)), below)
+        _keep_final_state(state, caches, range(split, len(caches)))
+        # with no upper layers, the top output is the copy handed over: the
+        # lower stage may already be writing the next chunk into its layer
+        top_output = caches[-1].output if split < len(caches) else below
+        logp = self._target_log_probs(top_output, y, workspace.logits)
+        return logp.reshape(y.shape)
 
     def _project_inputs(self, layer, x, below, cache):
         """cache.gates = W_ih x + bias for all T*B rows (bias: see projection_bias)."""
-        p, N = self.params, x.size
+        p = self.params
+        N = x.size if below is None else below.shape[0] * below.shape[1]
         bias = self.projection_bias(layer)
         gates = cache.gates.reshape(N, -1)
         if layer == 0:
@@ -360,14 +399,17 @@ class Model:
         else:
             K.rnn_forward(cell == "rnn-relu", cache.gates, W_hh, cache.h)
 
-    def _logits(self, top):
-        logits = self._current.logits
-        K.output_forward(_rows(top.output), self.params["out.weight"],
+    def _logits(self, top_output, logits=None):
+        """logits (T*B, V) of the top layer's output (T, B, H), into `logits`
+        (default: the current workspace's buffer)."""
+        if logits is None:
+            logits = self._current.logits
+        K.output_forward(_rows(top_output), self.params["out.weight"],
                          self.params["out.bias"], logits)
         return logits
 
-    def _target_log_probs(self, top, y):
-        logits = self._logits(top)
+    def _target_log_probs(self, top_output, y, logits=None):
+        logits = self._logits(top_output, logits)
         logp = np.empty(y.size, np.float64)
         K.target_log_probs(logits, y.reshape(-1), logp)
         return logp
@@ -476,6 +518,14 @@ class Model:
             p = self.params[name]
             if p.shape != shape or p.dtype != self.config.np_dtype or not p.flags.c_contiguous:
                 raise ValueError(f"parameter {name} must be a contiguous {shape} {self.config.dtype} array")
+
+
+def _keep_final_state(state, caches, layers):
+    """state.h[l] (and c[l]) = the last step of each of `layers`, in place."""
+    for layer in layers:
+        state.h[layer] = caches[layer].h[-1]
+        if state.c is not None:
+            state.c[layer] = caches[layer].c[-1]
 
 
 def torch_key(name):
