@@ -29,6 +29,7 @@
 #define CHARLM_PACKED_GEMM_H
 
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* CHARLM_MR: rows of C per micro-kernel call. Its 2*MR accumulators, the 2
@@ -46,7 +47,7 @@
 /* The micro-kernel for blocks of 7 and 8 rows exists only when MR allows it. */
 /* One call of the micro-kernel inside the sweep, for a block of ROWS rows. */
 #define CHARLM_MICRO(SUFFIX, ROWS) \
-    charlm_micro_##SUFFIX(ROWS, width, K, a_m, lda, a_transposed, panel, accumulate, bias_n, c_m, ldc)
+    charlm_micro_##SUFFIX(ROWS, width, K, a_m, lda_m, a_transposed, panel, accumulate, bias_n, c_m, ldc)
 
 #if CHARLM_MR == 8
 #define CHARLM_MICRO_CASES_7_8(SUFFIX) \
@@ -61,6 +62,10 @@
 #ifndef CHARLM_ROWS_OUTER_MIN
 #define CHARLM_ROWS_OUTER_MIN 256
 #endif
+
+/* Row strides of A, in bytes, that are a multiple of this map the rows to so
+ * few cache sets that reading A down its columns thrashes (see charlm_sweep). */
+#define CHARLM_ALIASING_STRIDE 1024
 
 /* Vector types that may be loaded from any float-aligned address. */
 typedef float charlm_vf __attribute__((vector_size(CHARLM_VBYTES), aligned(4), may_alias));
@@ -151,6 +156,23 @@ charlm_micro_##SUFFIX(const int rows, int width, int K, const REAL* a, int lda, 
     }                                                                             \
 }                                                                                 \
                                                                                   \
+/* strip (K x width, row-major) = columns 0..width-1 of a (K rows, lda).         \
+ * width is at most 2*MR; the common full width is a fixed-size copy. */          \
+static inline void charlm_copy_strip_##SUFFIX(int K, const REAL* a, int lda,     \
+                                              int width, REAL* strip)            \
+{                                                                                 \
+    int k, j;                                                                     \
+    if (width == 2 * CHARLM_MR) {                                                 \
+        for (k = 0; k < K; k++, strip += 2 * CHARLM_MR)                           \
+            for (j = 0; j < 2 * CHARLM_MR; j++)                                   \
+                strip[j] = a[(size_t)k * lda + j];                                \
+    } else {                                                                      \
+        for (k = 0; k < K; k++, strip += width)                                   \
+            for (j = 0; j < width; j++)                                           \
+                strip[j] = a[(size_t)k * lda + j];                                \
+    }                                                                             \
+}                                                                                 \
+                                                                                  \
 /* The sweep of the micro-kernel over the row blocks and the panels.          \
  * bias (NULL for none): N values added to every row of C. */                    \
 static inline __attribute__((always_inline)) void                                \
@@ -173,6 +195,17 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
     const int rows_outer = a_transposed || M >= CHARLM_ROWS_OUTER_MIN;            \
     REAL bias_tail[NR];                         /* the last panel's, padded */    \
     int n0, m0, block, rows, step;                                                \
+    /* A read transposed (dgates, all rows of a chunk) is copied a strip of     \
+     * two row blocks at a time: in place, the MR values a step reads sit one   \
+     * row of A apart, a power-of-two stride for the usual widths (2 KB for a  \
+     * 128-unit LSTM), so the strip's K cache lines fell into a few sets of L1  \
+     * and L2 and came from L3 again for every panel: 512x1250 @ 1250x128 ran   \
+     * at 70-77 GFLOP/s, 384x1250 at 93. Copied, 79-84. Other strides do not    \
+     * alias so badly, and there the copy cost 3-5%. */                         \
+    const int aliasing = (size_t)lda * sizeof(REAL) % CHARLM_ALIASING_STRIDE == 0; \
+    REAL* strip = a_transposed && aliasing                                        \
+        ? (REAL*)malloc((size_t)K * 2 * CHARLM_MR * sizeof(REAL)) : NULL;         \
+    int strip_m0 = 0, strip_width = 0;                                            \
     if (bias != NULL && N % NR != 0) {                                            \
         for (n0 = 0; n0 < NR; n0++)                                               \
             bias_tail[n0] = (panels - 1) * NR + n0 < N ? bias[(panels - 1) * NR + n0] : 0; \
@@ -189,6 +222,17 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
             const REAL* bias_n = bias == NULL ? NULL                              \
                                  : width == NR ? bias + n0 : bias_tail;           \
             const REAL* a_m = a + (a_transposed ? (size_t)m0 : (size_t)m0 * lda); \
+            int lda_m = lda;                                                      \
+            if (strip != NULL) {                                                  \
+                if (panel_index == 0 && block % 2 == 0) {                         \
+                    strip_m0 = m0;                                                \
+                    strip_width = block + 1 < blocks                              \
+                        ? rows + M / blocks + (block + 1 < M % blocks) : rows;    \
+                    charlm_copy_strip_##SUFFIX(K, a + m0, lda, strip_width, strip); \
+                }                                                                 \
+                a_m = strip + (m0 - strip_m0);                                    \
+                lda_m = strip_width;                                              \
+            }                                                                     \
             REAL* c_m = c + (size_t)m0 * ldc + n0;                                \
             switch (rows) {                                                       \
             CHARLM_MICRO_CASES_7_8(SUFFIX)                                        \
@@ -201,6 +245,7 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
             }                                                                     \
         }                                                                         \
     }                                                                             \
+    free(strip);                                                                  \
 }                                                                                 \
                                                                                   \
 /* C (+)= A @ B for row-major A (M x K, leading dimension lda) and C (M x N,     \

@@ -144,3 +144,22 @@ def test_many_rows_sweep_row_blocks_first(a_transposed):
     exact = start.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
     assert np.all(np.abs(out - exact) <= _tolerance(a, b, np.float32)
                   + 4 * np.finfo(np.float32).eps * np.abs(exact))
+
+
+# A.T with a row stride that is a multiple of 1 KB (dgates of a 128-unit LSTM:
+# 512 floats) is copied two row blocks at a time into a contiguous strip;
+# other strides are read in place. Both, with an odd number of row blocks
+# where the block height allows (6 rows: 256 = 43 blocks).
+@pytest.mark.parametrize("dtype,M", [(np.float32, 256), (np.float32, 512), (np.float32, 768),
+                                     (np.float32, 520), (np.float64, 128), (np.float64, 384),
+                                     (np.float64, 130)])
+@pytest.mark.parametrize("Kd", [1, 33, 1250])
+def test_columns_of_a_power_of_two_wide_a_read_through_a_strip(dtype, M, Kd):
+    rng = np.random.default_rng(M + Kd)
+    a, b = _operands(rng, M, Kd, 70, dtype)
+    start = rng.standard_normal((M, 70)).astype(dtype)
+    out = start.copy()
+    K.packed_matmul(np.ascontiguousarray(a.T), b, out, accumulate=True, a_transposed=True)
+    exact = start.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
+    assert np.all(np.abs(out - exact) <= _tolerance(a, b, dtype)
+                  + 4 * np.finfo(dtype).eps * np.abs(exact)), (M, Kd)
