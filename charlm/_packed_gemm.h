@@ -77,6 +77,13 @@
 #define CHARLM_PREFETCH_C 1
 #endif
 
+/* Height of row block `block` when M rows are cut into `blocks` blocks of
+ * nearly equal height (the first M % blocks are one row taller). */
+static inline int charlm_block_rows(int M, int blocks, int block)
+{
+    return M / blocks + (block < M % blocks);
+}
+
 /* Vector types that may be loaded from any float-aligned address. */
 typedef float charlm_vf __attribute__((vector_size(CHARLM_VBYTES), aligned(4), may_alias));
 typedef double charlm_vd __attribute__((vector_size(CHARLM_VBYTES), aligned(8), may_alias));
@@ -229,7 +236,7 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
         block = rows_outer ? step / panels : step % blocks;                       \
         n0 = panel_index * NR;                                                    \
         m0 = block * (M / blocks) + (block < M % blocks ? block : M % blocks);    \
-        rows = M / blocks + (block < M % blocks);                                 \
+        rows = charlm_block_rows(M, blocks, block);                               \
         {                                                                         \
             const REAL* panel = packed + (size_t)panel_index * NR * K;            \
             int width = N - n0 < NR ? N - n0 : NR;                                \
@@ -240,8 +247,8 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
             if (strip != NULL) {                                                  \
                 if (panel_index == 0 && block % 2 == 0) {                         \
                     strip_m0 = m0;                                                \
-                    strip_width = block + 1 < blocks                              \
-                        ? rows + M / blocks + (block + 1 < M % blocks) : rows;    \
+                    strip_width = rows + (block + 1 < blocks                      \
+                        ? charlm_block_rows(M, blocks, block + 1) : 0);           \
                     charlm_copy_strip_##SUFFIX(K, a + m0, lda, strip_width, strip); \
                 }                                                                 \
                 a_m = strip + (m0 - strip_m0);                                    \
