@@ -20,6 +20,13 @@ comparisons in charlm/_fastmath.h into vector selects, so the gate loops
 vectorise. -fno-math-errno likewise changes no computed value: sqrt of a
 negative number still gives NaN, but errno (which nothing here reads) is not
 set, so sqrt becomes one vector instruction and the optimiser loops vectorise.
+-mprefer-vector-width=512 goes with -march=native: gcc's tuning for Intel's
+AVX-512 cores (rocketlake and later) keeps its own vectorised loops at 256
+bits, which halves the width of the gate loops (the packed product's
+intrinsics are 512-bit either way). On an Intel Xeon with AVX-512 the LSTM
+forward of a 25-stream share went from 3.77 to 2.74 ms and a 2x128 LSTM
+training step got 11% faster; on AMD Zen 4 it changed nothing beyond noise.
+Without AVX-512 the flag has no effect.
 """
 
 import os
@@ -38,7 +45,7 @@ portable = _flag("CHARLM_PORTABLE")
 
 compile_args = ["-O3", "-fno-trapping-math", "-fno-math-errno"]
 if not portable and sys.platform != "win32":
-    compile_args.append("-march=native")
+    compile_args += ["-march=native", "-mprefer-vector-width=512"]
 if debug:
     compile_args = ["-O1", "-g"]
 
