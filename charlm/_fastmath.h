@@ -14,6 +14,7 @@
 #ifndef CHARLM_FASTMATH_H
 #define CHARLM_FASTMATH_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -67,6 +68,13 @@ static inline float charlm_tanhf(float x)
     float s = x * (1.0f + x2 * (-1.0f / 3.0f + x2 * (2.0f / 15.0f + x2 * (-17.0f / 315.0f))));
     t = x < 0 ? -t : t;
     return a < 0.125f ? s : t;
+}
+
+/* The float64 kernels' sigmoid, on libm's exp: float64 is for gradient
+ * checks, where accuracy matters and speed does not. */
+static inline double charlm_sigmoid_d(double x)
+{
+    return 1 / (1 + exp(-x));
 }
 
 #endif

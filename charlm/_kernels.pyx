@@ -753,26 +753,42 @@ def lstm_backward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
 # sits inside the product with r.
 # ---------------------------------------------------------------------------
 
+cdef extern from "_gru_units.h":
+    # The element-wise equations of one stream and one step, forward and
+    # backward side by side (see the header for why they are written in C).
+    void charlm_gru_forward_units_f(int H, float* gate, const float* hh, const float* h_prev,
+                                    float* h) noexcept nogil
+    void charlm_gru_forward_units_d(int H, double* gate, const double* hh,
+                                    const double* h_prev, double* h) noexcept nogil
+    void charlm_gru_backward_units_f(int H, const float* gate, const float* hh_n,
+                                     const float* h_prev, const float* dh_up, float* dh,
+                                     float* dx, float* dhh) noexcept nogil
+    void charlm_gru_backward_units_d(int H, const double* gate, const double* hh_n,
+                                     const double* h_prev, const double* dh_up, double* dh,
+                                     double* dx, double* dhh) noexcept nogil
+
+
 cdef inline void gru_units(int H, real* gate, const real* hh, const real* h_prev,
                            real* h) noexcept nogil:
     """One stream, one step, after the products: gate (3H,) holds W_ih x + b_ih
     as [r|z|n] and receives the activated gates; hh (3H,) holds W_hh h + b_hh;
-    writes h = h_t. h may be h_prev (the sampler updates in place). One short
-    loop per equation, so that gcc vectorises each: a single loop over all the
-    arrays needs more run-time overlap checks than gcc makes, and stays scalar
-    (the LSTM's equations are in C for this reason: _lstm_units.h)."""
-    cdef int j
-    cdef real* r = gate
-    cdef real* z = gate + H
-    cdef real* n = gate + 2 * H
-    for j in range(H):
-        r[j] = sigmoid(r[j] + hh[j])
-    for j in range(H):
-        z[j] = sigmoid(z[j] + hh[H + j])
-    for j in range(H):            # b_hn sits inside the product with r
-        n[j] = tanh_(n[j] + r[j] * hh[2 * H + j])
-    for j in range(H):
-        h[j] = (1 - z[j]) * n[j] + z[j] * h_prev[j]
+    writes h = h_t. h may be h_prev (the sampler updates in place)."""
+    if real is float:
+        charlm_gru_forward_units_f(H, gate, hh, h_prev, h)
+    else:
+        charlm_gru_forward_units_d(H, gate, hh, h_prev, h)
+
+
+cdef inline void gru_backward_units(int H, const real* gate, const real* hh_n,
+                                    const real* h_prev, const real* dh_up, real* dh,
+                                    real* dx, real* dhh) noexcept nogil:
+    """One stream, one step of BPTT through the equations of gru_units:
+    dh (H,): in dL/dh_t from step t+1 (dh_up is added), out the direct part of
+    dL/dh_{t-1}; dx, dhh (3H,) written: dL/d(W_ih x + b_ih), dL/d(W_hh h + b_hh)."""
+    if real is float:
+        charlm_gru_backward_units_f(H, gate, hh_n, h_prev, dh_up, dh, dx, dhh)
+    else:
+        charlm_gru_backward_units_d(H, gate, hh_n, h_prev, dh_up, dh, dx, dhh)
 
 
 def gru_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
@@ -826,20 +842,7 @@ def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
     dW_hh (3H, H), db_hh (3H,) overwritten.
     """
     cdef int T = dh_out.shape[0], B = dh_out.shape[1], H = dh_out.shape[2], G = 3 * H
-    cdef int t, b, j
-    cdef const real* r          # activated gates of one stream
-    cdef const real* z
-    cdef const real* n
-    cdef real* dxr              # gradient for W_ih x + b_ih, per gate
-    cdef real* dxz
-    cdef real* dxn
-    cdef real* dhr              # gradient for W_hh h + b_hh, per gate
-    cdef real* dhz
-    cdef real* dhn
-    cdef const real* hn_row
-    cdef const real* h_prev
-    cdef const real* up
-    cdef real* carry
+    cdef int t, b
     cdef real* W_hh_packed
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(hn, 3) == (T, B, H) and _shape(dh_carry, 2) == (B, H)
@@ -851,36 +854,11 @@ def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
         with nogil:
             for t in range(T - 1, -1, -1):
                 for b in range(B):
-                    r = &gates[t, b, 0]
-                    z = r + H
-                    n = r + 2 * H
-                    dxr = &dgates_x[t, b, 0]
-                    dxz = dxr + H
-                    dxn = dxr + 2 * H
-                    dhr = &dgates_h[t, b, 0]
-                    dhz = dhr + H
-                    dhn = dhr + 2 * H
-                    hn_row = &hn[t, b, 0]
-                    h_prev = &h[t, b, 0]
-                    up = &dh_out[t, b, 0]
-                    carry = &dh_carry[b, 0]
-                    # One equation per loop, so that gcc vectorises each (see
-                    # lstm_forward). carry becomes dL/dh_t, then its direct part
-                    # of dL/dh_{t-1}; the GEMM below adds the rest.
-                    for j in range(H):        # dh = from above + from step t+1
-                        carry[j] += up[j]
-                    for j in range(H):        # d pre_n
-                        dxn[j] = carry[j] * (1 - z[j]) * (1 - n[j] * n[j])
-                    for j in range(H):        # d pre_r, through r * (W_hn h + b_hn)
-                        dxr[j] = dxn[j] * hn_row[j] * r[j] * (1 - r[j])
-                    for j in range(H):        # d pre_z
-                        dxz[j] = carry[j] * (h_prev[j] - n[j]) * z[j] * (1 - z[j])
-                    # r and z see W_hh h + b_hh as they see W_ih x + b_ih; n sees r * it
-                    memcpy(dhr, dxr, 2 * H * sizeof(real))
-                    for j in range(H):
-                        dhn[j] = dxn[j] * r[j]
-                    for j in range(H):        # the direct path h_t <- z * h_{t-1}
-                        carry[j] *= z[j]
+                    # dh_carry[b] becomes the direct part of dL/dh_{t-1};
+                    # the product below adds the rest
+                    gru_backward_units(H, &gates[t, b, 0], &hn[t, b, 0], &h[t, b, 0],
+                                       &dh_out[t, b, 0], &dh_carry[b, 0],
+                                       &dgates_x[t, b, 0], &dgates_h[t, b, 0])
                 # dh_carry += dgates_h[t] @ W_hh       (B,H) += (B,3H) @ (3H,H)
                 times_W_hh(B, G, H, &dgates_h[t, 0, 0], &W_hh[0, 0], W_hh_packed, True,
                            &dh_carry[0, 0])

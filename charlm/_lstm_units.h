@@ -27,8 +27,6 @@
 #include <stddef.h>
 #include "_fastmath.h"
 
-static inline double charlm_sigmoid_d(double x) { return 1 / (1 + exp(-x)); }
-
 #define CHARLM_DEFINE_LSTM_UNITS(SUFFIX, REAL, SIGMOID, TANH)                    \
                                                                                   \
 /* Forward. gate (4H): in, the pre-activations; out, the activated i, f, g, o.   \
