@@ -64,7 +64,7 @@ extensions = [
         ["charlm/_kernels.pyx"],
         include_dirs=["charlm"],
         depends=["charlm/_fastmath.h", "charlm/_packed_gemm.h", "charlm/_lstm_units.h",
-                 "charlm/_gru_units.h"],
+                 "charlm/_gru_units.h", "charlm/_gemv.h"],
         extra_compile_args=compile_args,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
                        ("CHARLM_DEBUG_BUILD", "1" if debug else "0")],

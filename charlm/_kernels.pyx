@@ -297,10 +297,10 @@ cdef real* pack_W_hh(const real* W_hh, int G, int H, int B) except? NULL:
 
 
 cdef inline void times_W_hhT(int B, int G, int H, const real* h, const real* W_hh,
-                             const real* W_hhT_packed, real* out) noexcept nogil:
+                             const real* W_hh_packed, real* out) noexcept nogil:
     """out (B, G) += h (B, H) @ W_hh.T"""
-    if W_hhT_packed != NULL:
-        packed_gemm(B, G, H, h, H, W_hhT_packed, True, out, G)
+    if W_hh_packed != NULL:
+        packed_gemm(B, G, H, h, H, W_hh_packed, True, out, G)
     else:
         gemm(False, True, B, G, H, 1, h, H, W_hh, H, 1, out, G)
 
@@ -1162,6 +1162,54 @@ cdef int _pick(const real* logits, int V, double temperature, int top_k, double 
     return _inverse_cdf(weight, V, u, probs)
 
 
+cdef extern from "_gemv.h":
+    # One row times a transposed weight matrix (see the header).
+    void charlm_gemv_t_f(int K, int N, const float* x, const float* bt, int ldb,
+                         float* y) noexcept nogil
+    void charlm_gemv_t_d(int K, int N, const double* x, const double* bt, int ldb,
+                         double* y) noexcept nogil
+
+
+# The sampler's weight matrices (N outputs, K inputs) up to this size are
+# stored transposed, (K, N), and a single row goes through the own GEMV;
+# larger ones keep their (N, K) layout and go to BLAS, whose GEMV reads a
+# matrix that no longer fits one core's L2 with both cores (own GEMV on the
+# 4 MB matrices of a 2x512 LSTM: 8% slower sampling than BLAS's).
+DEF OWN_GEMV_MAX_BYTES = 512 * 1024
+
+
+cdef inline bint stored_transposed(int N, int K, size_t itemsize) noexcept nogil:
+    return <size_t>N * K * itemsize <= OWN_GEMV_MAX_BYTES
+
+
+def sampler_stores_transposed(int rows, int cols, int itemsize):
+    """True if sample_steps takes a (rows, cols) weight matrix (rows =
+    outputs) transposed, as (cols, rows); see OWN_GEMV_MAX_BYTES."""
+    return stored_transposed(rows, cols, itemsize)
+
+
+cdef tuple _sampler_layout(int N, int K, size_t itemsize):
+    """The shape sample_steps expects of a weight with N outputs, K inputs."""
+    return (K, N) if stored_transposed(N, K, itemsize) else (N, K)
+
+
+cdef inline void times_weight(int B, int N, int K, const real* a, const real* W,
+                              real* out) noexcept nogil:
+    """out (B,N) += a (B,K) @ W.T for a sampler's weight (N outputs, K inputs),
+    stored (K,N) if stored_transposed(N, K), else (N,K). One row times a
+    transposed matrix goes to the own GEMV; anything else to BLAS (GEMV for
+    one row, GEMM for several)."""
+    if not stored_transposed(N, K, sizeof(real)):
+        gemm(False, True, B, N, K, 1, a, K, W, K, 1, out, N)
+    elif B == 1:
+        if real is float:
+            charlm_gemv_t_f(K, N, a, W, N, out)
+        else:
+            charlm_gemv_t_d(K, N, a, W, N, out)
+    else:
+        gemm(False, False, B, N, K, 1, a, K, W, N, 1, out, N)
+
+
 cdef void _cell_step(int cell, int B, int H, real* gates, real* hh,
                      const real* W_hh, const real* b_hh, real* h, real* c,
                      const real* peep) noexcept nogil:
@@ -1169,7 +1217,8 @@ cdef void _cell_step(int cell, int B, int H, real* gates, real* hh,
 
     gates (B, G): in, the input projection (with both biases folded in; for
         the GRU, b_ih only); clobbered (the activated gates).
-    W_hh (G, H), b_hh (G,): b_hh is read by the GRU only (the others have it folded).
+    W_hh (G, H), or (H, G) when stored transposed (see times_weight).
+    b_hh (G,): read by the GRU only (the others have it folded).
     h, c (B, H): in, the previous state; out, the new one. Updating in place
         is safe: the GEMM has consumed h before, and unit j reads only h[j], c[j].
     hh (B, G): scratch: W_hh h + b_hh for the GRU, tanh(c_t) for the LSTM.
@@ -1186,10 +1235,10 @@ cdef void _cell_step(int cell, int B, int H, real* gates, real* hh,
         for b in range(B):
             memcpy(hh + <size_t>b * G, b_hh, G * sizeof(real))
         # hh = h @ W_hh.T + b_hh                   (B,3H) += (B,H) @ (H,3H)
-        gemm(False, True, B, G, H, 1, h, H, W_hh, H, 1, hh, G)
+        times_weight(B, G, H, h, W_hh, hh)
     else:
         # gates += h @ W_hh.T                      (B,G) += (B,H) @ (H,G)
-        gemm(False, True, B, G, H, 1, h, H, W_hh, H, 1, gates, G)
+        times_weight(B, G, H, h, W_hh, gates)
     for b in range(B):
         gate = gates + <size_t>b * G
         hrow = h + <size_t>b * H
@@ -1251,11 +1300,14 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
     ids[s]; the last row drawn is not fed (pass it as prev_ids next time).
 
     cell: "lstm", "gru", "rnn" or "rnn-relu".  L layers, G gate rows.
-    W_ihT (V, G): the first layer's input weights, transposed.
+    W_ihT (V, G): the first layer's input weights, transposed (rows gathered).
     W_ih: L-1 arrays (G, H), the upper layers' input weights.
     W_hh: L arrays (G, H).  bias: L arrays (G,), the projection biases
         (b_ih + b_hh; b_ih alone for the GRU).  b_hh: L arrays (G,), read by
         the GRU only.  W_out (V, H), b_out (V,).
+    W_ih, W_hh and W_out come transposed, (H, G) and (H, V), when
+        sampler_stores_transposed says so: small matrices, whose product with
+        one row then reads contiguous rows (see _gemv.h).
     h, c (L, B, H): the state, advanced in place. c is read only for the
         LSTM; for the other cells any array (e.g. an empty one) will do.
     prev_ids (B,) int32 in [0, V).
@@ -1268,8 +1320,9 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
         (filtered, normalised) distribution; one-hot with argmax. For tests.
     peep: for "lstm-peephole", L arrays (3, H), the peephole weights.
     """
-    cdef int L = h.shape[0], B = h.shape[1], H = h.shape[2], V = W_out.shape[0]
+    cdef int L = h.shape[0], B = h.shape[1], H = h.shape[2], V = b_out.shape[0]
     cdef int steps = ids.shape[0], code, G, s, b, j, k, bad = -1
+    cdef int rows, cols
     cdef list keep = []
     cdef const real** W_ih_p = NULL
     cdef const real** W_hh_p = NULL
@@ -1295,8 +1348,8 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
     lstm = code == CELL_LSTM or code == CELL_LSTM_PEEPHOLE
     _require(L >= 1 and B >= 1 and H >= 1 and V >= 1, "sample_steps: empty model or batch")
     _require(_shape(W_ihT, 2) == (V, G), f"sample_steps: W_ihT must be ({V}, {G})")
-    _require(_shape(W_out, 2) == (V, H) and b_out.shape[0] == V,
-             f"sample_steps: W_out must be ({V}, {H}) and b_out ({V},)")
+    _require(_shape(W_out, 2) == _sampler_layout(V, H, sizeof(real)),
+             f"sample_steps: W_out must be {_sampler_layout(V, H, sizeof(real))}")
     _require(not lstm or _shape(c, 3) == (L, B, H), "sample_steps: c must be (L, B, H)")
     _require(prev_ids.shape[0] == B, "sample_steps: prev_ids must be (B,)")
     _require(_shape(uniforms, 2) == (steps, B) and ids.shape[1] == B,
@@ -1316,8 +1369,9 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
     if probs is not None:
         probs_base = &probs[0, 0, 0]
     try:
-        W_ih_p = _layer_pointers(W_ih, L - 1, G, H, "W_ih", keep, &W_ihT[0, 0])
-        W_hh_p = _layer_pointers(W_hh, L, G, H, "W_hh", keep, &W_ihT[0, 0])
+        rows, cols = _sampler_layout(G, H, sizeof(real))
+        W_ih_p = _layer_pointers(W_ih, L - 1, rows, cols, "W_ih", keep, &W_ihT[0, 0])
+        W_hh_p = _layer_pointers(W_hh, L, rows, cols, "W_hh", keep, &W_ihT[0, 0])
         bias_p = _layer_pointers(bias, L, G, 0, "bias", keep, &W_ihT[0, 0])
         b_hh_p = _layer_pointers(b_hh, L, G, 0, "b_hh", keep, &W_ihT[0, 0])
         if code == CELL_LSTM_PEEPHOLE:
@@ -1346,16 +1400,14 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
                     for b in range(B):
                         memcpy(gates + <size_t>b * G, bias_p[k], G * sizeof(real))
                     # gates += h[k-1] @ W_ih.T      (B,G) += (B,H) @ (H,G)
-                    gemm(False, True, B, G, H, 1, &h[k - 1, 0, 0], H, W_ih_p[k - 1], H,
-                         1, gates, G)
+                    times_weight(B, G, H, &h[k - 1, 0, 0], W_ih_p[k - 1], gates)
                     _cell_step(code, B, H, gates, hh, W_hh_p[k], b_hh_p[k], &h[k, 0, 0],
                                c_base + <size_t>k * B * H if c_base != NULL else NULL,
                                peep_p[k] if peep_p != NULL else NULL)
                 # logits = h_top @ W_out.T + b_out  (B,V) += (B,H) @ (H,V)
                 for b in range(B):
                     memcpy(logits + <size_t>b * V, &b_out[0], V * sizeof(real))
-                gemm(False, True, B, V, H, 1, &h[L - 1, 0, 0], H, &W_out[0, 0], H,
-                     1, logits, V)
+                times_weight(B, V, H, &h[L - 1, 0, 0], &W_out[0, 0], logits)
                 for b in range(B):
                     ids[s, b] = _pick(logits + <size_t>b * V, V, temperature, top_k, top_p,
                                       argmax, uniforms[s, b], weight, ranked,

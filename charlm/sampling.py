@@ -105,14 +105,21 @@ class FusedSampler:
         self.cell = config.cell
         self.vocab_size = config.vocab_size
         # Laid out for the kernel once, not per call: layer 0's input weights
-        # transposed for the row gather, and the biases folded as in training.
+        # transposed for the row gather, the small matrices transposed so
+        # that a product with one row reads contiguous rows (the kernel says
+        # which), and the biases folded as in training.
+        def laid_out(name):
+            w = p[name]
+            if K.sampler_stores_transposed(w.shape[0], w.shape[1], w.itemsize):
+                return np.ascontiguousarray(w.T)
+            return w
         self._weights = (
             np.ascontiguousarray(p["weight_ih_l0"].T),
-            tuple(p[f"weight_ih_l{k}"] for k in range(1, L)),
-            tuple(p[f"weight_hh_l{k}"] for k in range(L)),
+            tuple(laid_out(f"weight_ih_l{k}") for k in range(1, L)),
+            tuple(laid_out(f"weight_hh_l{k}") for k in range(L)),
             tuple(np.ascontiguousarray(model.projection_bias(k)) for k in range(L)),
             tuple(p[f"bias_hh_l{k}"] for k in range(L)),
-            p["out.weight"], p["out.bias"])
+            laid_out("out.weight"), p["out.bias"])
         self._peep = tuple(p[f"weight_peep_l{k}"] for k in range(L)) \
             if config.cell == "lstm-peephole" else ()
         self._has_c = config.has_cell_state

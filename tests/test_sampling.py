@@ -88,6 +88,35 @@ def test_step_probabilities_equal_training_forward(cell, layers):
     assert not np.array_equal(probs[0], probs[-1])   # the state did move
 
 
+@pytest.mark.parametrize("cell, hidden", [("lstm", 37), ("gru", 50), ("rnn", 150),
+                                          ("lstm", 190)])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_batch_one_steps_equal_training_forward(cell, hidden, dtype):
+    """At batch 1 the small matrices go through the own GEMV (_gemv.h), stored
+    transposed: widths here give whole blocks of vectors, a few vectors more
+    and single columns (G = 148, 150, V = 13). The 190-unit LSTM's W_hh and
+    W_ih are over the size limit and keep BLAS, while its W_out does not."""
+    model = _model(cell, 2, H=hidden, dtype=dtype)
+    c, itemsize = model.config, np.dtype(dtype).itemsize
+    if hidden == 190:
+        assert not K.sampler_stores_transposed(c.gates, hidden, itemsize)
+    else:
+        assert K.sampler_stores_transposed(c.gates, hidden, itemsize)
+    assert K.sampler_stores_transposed(c.vocab_size, hidden, itemsize)
+    state, prev, steps = _random_state(model, 1), np.array([5], np.int32), 6
+    sampler = FusedSampler(model, state)
+    probs = np.empty((steps, 1, c.vocab_size))
+    ids = sampler.run(prev, np.random.default_rng(2).random((steps, 1)), probs=probs)
+
+    tolerance = 1e-12 if dtype == "float64" else 2e-5
+    fed = np.vstack([prev, ids])
+    for t in range(steps):
+        logits, final = model.next_logits(fed[:t + 1], state)
+        np.testing.assert_allclose(probs[t], _softmax(logits.astype(np.float64)),
+                                   rtol=0, atol=tolerance)
+    np.testing.assert_allclose(sampler.state.h, final.h, rtol=0, atol=tolerance)
+
+
 @pytest.mark.parametrize("cell", TORCH_CELLS)
 def test_step_probabilities_equal_pytorch(cell):
     torch = pytest.importorskip("torch")
