@@ -286,9 +286,43 @@ cdef void times_weights(bint w_transposed, int m, int n, int k, const real* a, i
     free(packed)
 
 
+cdef extern from "_gemv.h":
+    # One row times a transposed weight matrix (see the header).
+    void charlm_gemv_t_f(int K, int N, const float* x, const float* bt, int ldb,
+                         float* y) noexcept nogil
+    void charlm_gemv_t_d(int K, int N, const double* x, const double* bt, int ldb,
+                         double* y) noexcept nogil
+
+
+# A single row (sampling, single-stream evaluation) times a weight matrix
+# (N outputs, K inputs) of up to this size goes through the own GEMV, the
+# matrix stored transposed (K, N); larger ones keep their (N, K) layout and
+# go to BLAS, whose GEMV reads a matrix that no longer fits one core's L2
+# with both cores (own GEMV on the 4 MB matrices of a 2x512 LSTM: 8% slower
+# sampling than BLAS's).
+DEF OWN_GEMV_MAX_BYTES = 512 * 1024
+
+
+cdef inline bint stored_transposed(int N, int K, size_t itemsize) noexcept nogil:
+    return <size_t>N * K * itemsize <= OWN_GEMV_MAX_BYTES
+
+
 cdef real* pack_W_hhT(const real* W_hh, int G, int H, int B) except? NULL:
-    """W_hh.T (H, G) packed for times_W_hhT; NULL when B == 1."""
-    return pack(W_hh, H, G, 1, H) if B > 1 else NULL
+    """W_hh.T (H, G) laid out for times_W_hhT: packed when B > 1; for a single
+    stream, plainly transposed for the own GEMV, or NULL (BLAS) when large."""
+    cdef real* transposed
+    cdef int g, j
+    if B > 1:
+        return pack(W_hh, H, G, 1, H)
+    if not stored_transposed(G, H, sizeof(real)):
+        return NULL
+    transposed = <real*>malloc(<size_t>H * G * sizeof(real))
+    if transposed == NULL:
+        raise MemoryError("cannot allocate the transposed weights")
+    for g in range(G):
+        for j in range(H):
+            transposed[<size_t>j * G + g] = W_hh[<size_t>g * H + j]
+    return transposed
 
 
 cdef real* pack_W_hh(const real* W_hh, int G, int H, int B) except? NULL:
@@ -298,9 +332,14 @@ cdef real* pack_W_hh(const real* W_hh, int G, int H, int B) except? NULL:
 
 cdef inline void times_W_hhT(int B, int G, int H, const real* h, const real* W_hh,
                              const real* W_hh_packed, real* out) noexcept nogil:
-    """out (B, G) += h (B, H) @ W_hh.T"""
-    if W_hh_packed != NULL:
+    """out (B, G) += h (B, H) @ W_hh.T, W_hh_packed from pack_W_hhT."""
+    if W_hh_packed != NULL and B > 1:
         packed_gemm(B, G, H, h, H, W_hh_packed, True, out, G)
+    elif W_hh_packed != NULL:
+        if real is float:
+            charlm_gemv_t_f(H, G, h, W_hh_packed, G, out)
+        else:
+            charlm_gemv_t_d(H, G, h, W_hh_packed, G, out)
     else:
         gemm(False, True, B, G, H, 1, h, H, W_hh, H, 1, out, G)
 
@@ -1160,26 +1199,6 @@ cdef int _pick(const real* logits, int V, double temperature, int top_k, double 
     if top_p < 1:
         _keep_nucleus(weight, V, top_p, ranked)
     return _inverse_cdf(weight, V, u, probs)
-
-
-cdef extern from "_gemv.h":
-    # One row times a transposed weight matrix (see the header).
-    void charlm_gemv_t_f(int K, int N, const float* x, const float* bt, int ldb,
-                         float* y) noexcept nogil
-    void charlm_gemv_t_d(int K, int N, const double* x, const double* bt, int ldb,
-                         double* y) noexcept nogil
-
-
-# The sampler's weight matrices (N outputs, K inputs) up to this size are
-# stored transposed, (K, N), and a single row goes through the own GEMV;
-# larger ones keep their (N, K) layout and go to BLAS, whose GEMV reads a
-# matrix that no longer fits one core's L2 with both cores (own GEMV on the
-# 4 MB matrices of a 2x512 LSTM: 8% slower sampling than BLAS's).
-DEF OWN_GEMV_MAX_BYTES = 512 * 1024
-
-
-cdef inline bint stored_transposed(int N, int K, size_t itemsize) noexcept nogil:
-    return <size_t>N * K * itemsize <= OWN_GEMV_MAX_BYTES
 
 
 def sampler_stores_transposed(int rows, int cols, int itemsize):
