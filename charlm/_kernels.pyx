@@ -294,6 +294,15 @@ cdef extern from "_gemv.h":
                          double* y) noexcept nogil
 
 
+cdef inline void gemv_t(int K, int N, const real* x, const real* bt, int ldb,
+                        real* y) noexcept nogil:
+    """y (N,) += x (K,) @ bt (K, N), bt row-major with row stride ldb."""
+    if real is float:
+        charlm_gemv_t_f(K, N, x, bt, ldb, y)
+    else:
+        charlm_gemv_t_d(K, N, x, bt, ldb, y)
+
+
 # A single row (sampling, single-stream evaluation) times a weight matrix
 # (N outputs, K inputs) of up to this size goes through the own GEMV, the
 # matrix stored transposed (K, N); larger ones keep their (N, K) layout and
@@ -335,11 +344,8 @@ cdef inline void times_W_hhT(int B, int G, int H, const real* h, const real* W_h
     """out (B, G) += h (B, H) @ W_hh.T, W_hh_packed from pack_W_hhT."""
     if W_hh_packed != NULL and B > 1:
         packed_gemm(B, G, H, h, H, W_hh_packed, True, out, G)
-    elif W_hh_packed != NULL:
-        if real is float:
-            charlm_gemv_t_f(H, G, h, W_hh_packed, G, out)
-        else:
-            charlm_gemv_t_d(H, G, h, W_hh_packed, G, out)
+    elif W_hh_packed != NULL:                    # one stream: W_hh.T plainly
+        gemv_t(H, G, h, W_hh_packed, G, out)
     else:
         gemm(False, True, B, G, H, 1, h, H, W_hh, H, 1, out, G)
 
@@ -1221,10 +1227,7 @@ cdef inline void times_weight(int B, int N, int K, const real* a, const real* W,
     if not stored_transposed(N, K, sizeof(real)):
         gemm(False, True, B, N, K, 1, a, K, W, K, 1, out, N)
     elif B == 1:
-        if real is float:
-            charlm_gemv_t_f(K, N, a, W, N, out)
-        else:
-            charlm_gemv_t_d(K, N, a, W, N, out)
+        gemv_t(K, N, a, W, N, out)
     else:
         gemm(False, False, B, N, K, 1, a, K, W, N, 1, out, N)
 
