@@ -316,14 +316,22 @@ cdef inline bint stored_transposed(int N, int K, size_t itemsize) noexcept nogil
     return <size_t>N * K * itemsize <= OWN_GEMV_MAX_BYTES
 
 
-cdef real* pack_W_hhT(const real* W_hh, int G, int H, int B) except? NULL:
-    """W_hh.T (H, G) laid out for times_W_hhT: packed when B > 1; for a single
-    stream, plainly transposed for the own GEMV, or NULL (BLAS) when large."""
+# A single stream's recurrence transposes W_hh for the own GEMV only when the
+# chunk has this many steps: the copy costs about as much as 100-200 steps
+# save (Model.next_logits, called per character by the reference sampler,
+# ran 2-3x slower when every call of one step transposed W_hh).
+DEF OWN_GEMV_MIN_STEPS = 256
+
+
+cdef real* pack_W_hhT(const real* W_hh, int G, int H, int B, int T) except? NULL:
+    """W_hh.T (H, G) laid out for times_W_hhT over T steps: packed when B > 1;
+    for a single stream over a long chunk, plainly transposed for the own
+    GEMV; else NULL (BLAS)."""
     cdef real* transposed
     cdef int g, j
     if B > 1:
         return pack(W_hh, H, G, 1, H)
-    if not stored_transposed(G, H, sizeof(real)):
+    if T < OWN_GEMV_MIN_STEPS or not stored_transposed(G, H, sizeof(real)):
         return NULL
     transposed = <real*>malloc(<size_t>H * G * sizeof(real))
     if transposed == NULL:
@@ -572,7 +580,7 @@ def rnn_forward(bint relu, real[:, :, ::1] gates, const real[:, ::1] W_hh,
     cdef real* h_new
     cdef real* W_hhT
     _check_recurrence(T, B, H, H, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
-    W_hhT = pack_W_hhT(&W_hh[0, 0], H, H, B)
+    W_hhT = pack_W_hhT(&W_hh[0, 0], H, H, B, T)
     try:
         with nogil:
             for t in range(T):
@@ -723,7 +731,7 @@ def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     _require(_shape(c, 3) == (T + 1, B, H) and _shape(tanh_c, 3) == (T, B, H),
              "c must be (T+1, B, H) and tanh_c (T, B, H)")
     w_peep = _peep_pointer(peep, H)
-    W_hhT = pack_W_hhT(&W_hh[0, 0], G, H, B)
+    W_hhT = pack_W_hhT(&W_hh[0, 0], G, H, B, T)
     try:
         with nogil:
             for t in range(T):
@@ -853,7 +861,7 @@ def gru_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(b_hh.shape[0] == G and _shape(hn, 3) == (T, B, H)
              and _shape(hh, 2) == (B, G), "gru_forward: shape mismatch")
-    W_hhT = pack_W_hhT(&W_hh[0, 0], G, H, B)
+    W_hhT = pack_W_hhT(&W_hh[0, 0], G, H, B, T)
     try:
         with nogil:
             for t in range(T):
