@@ -348,12 +348,12 @@ cdef real* pack_W_hh(const real* W_hh, int G, int H, int B) except? NULL:
 
 
 cdef inline void times_W_hhT(int B, int G, int H, const real* h, const real* W_hh,
-                             const real* W_hh_packed, real* out) noexcept nogil:
-    """out (B, G) += h (B, H) @ W_hh.T, W_hh_packed from pack_W_hhT."""
-    if W_hh_packed != NULL and B > 1:
-        packed_gemm(B, G, H, h, H, W_hh_packed, True, out, G)
-    elif W_hh_packed != NULL:                    # one stream: W_hh.T plainly
-        gemv_t(H, G, h, W_hh_packed, G, out)
+                             const real* W_hhT_packed, real* out) noexcept nogil:
+    """out (B, G) += h (B, H) @ W_hh.T, W_hhT_packed from pack_W_hhT."""
+    if W_hhT_packed != NULL and B > 1:
+        packed_gemm(B, G, H, h, H, W_hhT_packed, True, out, G)
+    elif W_hhT_packed != NULL:                   # one stream: W_hh.T plainly
+        gemv_t(H, G, h, W_hhT_packed, G, out)
     else:
         gemm(False, True, B, G, H, 1, h, H, W_hh, H, 1, out, G)
 
