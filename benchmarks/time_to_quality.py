@@ -45,6 +45,8 @@ CANDIDATES = {
                                      seq_length=64, schedule="cosine", lr=3e-3, dropout=0.2),
     "gru-2x384-cosine": dict(cell="gru", layers=2, hidden=384, batch_size=64, seq_length=64,
                              schedule="cosine", lr=3e-3, dropout=0.1),
+    "gru-2x384-cosine-dropout": dict(cell="gru", layers=2, hidden=384, batch_size=64,
+                                     seq_length=64, schedule="cosine", lr=3e-3, dropout=0.2),
     "lstm-2x256-cosine": dict(cell="lstm", layers=2, hidden=256, batch_size=64, seq_length=64,
                               schedule="cosine", lr=3e-3),
     "lstm-2x512-cosine": dict(cell="lstm", layers=2, hidden=512, batch_size=32, seq_length=64,
