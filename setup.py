@@ -23,7 +23,7 @@ set, so sqrt becomes one vector instruction and the optimiser loops vectorise.
 -mprefer-vector-width=512 goes with -march=native: gcc's tuning for Intel's
 AVX-512 cores (rocketlake and later) keeps its own vectorised loops at 256
 bits, which halves the width of the gate loops (the packed product's
-intrinsics are 512-bit either way). On an Intel Xeon with AVX-512 the LSTM
+explicit vector types are 512-bit either way). On an Intel Xeon with AVX-512 the LSTM
 forward of a 25-stream share went from 3.77 to 2.74 ms and a 2x128 LSTM
 training step got 11% faster; on AMD Zen 4 it changed nothing beyond noise.
 Without AVX-512 the flag has no effect.

@@ -58,6 +58,7 @@ cdef extern from "_fastmath.h":
     float charlm_expf(float x) noexcept nogil
     float charlm_sigmoidf(float x) noexcept nogil
     float charlm_tanhf(float x) noexcept nogil
+    double charlm_sigmoid_d(double x) noexcept nogil   # libm's exp; the C units use it too
 
 
 # float32 uses the inline, vectorisable versions; float64 (gradient checks,
@@ -67,7 +68,7 @@ cdef inline real sigmoid(real x) noexcept nogil:
     if real is float:
         return charlm_sigmoidf(x)
     else:
-        return 1 / (1 + exp(-x))
+        return charlm_sigmoid_d(x)
 
 
 cdef inline real exp_(real x) noexcept nogil:
@@ -1378,8 +1379,8 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
     lstm = code == CELL_LSTM or code == CELL_LSTM_PEEPHOLE
     _require(L >= 1 and B >= 1 and H >= 1 and V >= 1, "sample_steps: empty model or batch")
     _require(_shape(W_ihT, 2) == (V, G), f"sample_steps: W_ihT must be ({V}, {G})")
-    _require(_shape(W_out, 2) == _sampler_layout(V, H, sizeof(real)),
-             f"sample_steps: W_out must be {_sampler_layout(V, H, sizeof(real))}")
+    out_shape = _sampler_layout(V, H, sizeof(real))
+    _require(_shape(W_out, 2) == out_shape, f"sample_steps: W_out must be {out_shape}")
     _require(not lstm or _shape(c, 3) == (L, B, H), "sample_steps: c must be (L, B, H)")
     _require(prev_ids.shape[0] == B, "sample_steps: prev_ids must be (B,)")
     _require(_shape(uniforms, 2) == (steps, B) and ids.shape[1] == B,
