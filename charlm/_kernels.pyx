@@ -206,14 +206,36 @@ cdef inline void packed_gemm_at(int m, int n, int k, const real* a, int lda,
         charlm_packed_gemm_at_d(m, n, k, a, lda, packed, accumulate, c, ldc)
 
 
+# Large products and BLAS's threads. Above the size limits below, a product
+# goes to BLAS when BLAS may use several threads (a single-stream evaluation
+# gives it both cores, against the packed kernel's one), and to the packed
+# kernel when BLAS runs on one thread, as it does inside each training worker:
+# there, on an AMD Zen 5 core (512-bit FMA units), the packed kernel ran the
+# 2x512 LSTM's products at about 200 GFLOP/s against 110 for OpenBLAS's
+# sgemm, and a training step 1.5x faster (benchmarks/README.md).
+# charlm.parallel.blas_threads keeps this flag in step with BLAS.
+cdef bint blas_on_one_thread = False
+
+
+def set_blas_on_one_thread(bint one_thread):
+    """Tell the kernels whether BLAS now runs on one thread; returns the
+    previous setting (charlm.parallel.blas_threads restores it)."""
+    global blas_on_one_thread
+    previous = blas_on_one_thread
+    blas_on_one_thread = one_thread
+    return previous
+
+
 # Weight gradients, dW (G, In) = dgates.T (G, N) @ x (N, In), summed over the
 # N = T*B rows of a chunk. BLAS copies (and transposes) all of dgates before
 # multiplying; the packed product reads dgates where it lies (the MR values
 # one step of its micro-kernel needs are adjacent) and packs only x, which is
 # 4x smaller for an LSTM: 111 against 102 GFLOP/s for 512x1250 @ 1250x128 on
-# one core. But it streams all of dgates once per panel of x, which pays only
-# while dgates stays in cache: 85 against 104 GFLOP/s for the 10 MB dgates of
-# a 512-unit LSTM. Hence the size limit.
+# one core. It streams all of dgates once per panel of x, which paid only
+# while dgates stayed in cache on a Zen 4 (85 against 104 GFLOP/s for the
+# 10 MB dgates of a 512-unit LSTM, 2026-11); on a Zen 5 core it ran that
+# product at 205 against 112 for OpenBLAS. Hence the size limit, when BLAS
+# has threads to spare.
 cdef enum:
     PACKED_WEIGHT_GRADIENT_MAX_BYTES = 4 * 1024 * 1024
 
@@ -222,7 +244,7 @@ cdef void weight_gradient(int G, int In, int N, const real* dgates, const real* 
                           real* dW) noexcept nogil:
     """dW (G, In) = dgates.T @ x for dgates (N, G) and x (N, In), row-major."""
     cdef real* x_packed = NULL
-    if <size_t>G * N * sizeof(real) <= PACKED_WEIGHT_GRADIENT_MAX_BYTES:
+    if blas_on_one_thread or <size_t>G * N * sizeof(real) <= PACKED_WEIGHT_GRADIENT_MAX_BYTES:
         x_packed = pack_or_null(x, N, In, In, 1)
     if x_packed == NULL:            # too large, or no memory: BLAS needs none of ours
         gemm(True, False, G, In, N, 1, dgates, G, x, In, 0, dW, In)
@@ -242,9 +264,9 @@ cdef void weight_gradient(int G, int In, int N, const real* dgates, const real* 
 # beat OpenBLAS's sgemm on one thread (benchmarks/README.md). Not worth it:
 # a few rows, which do not repay the packing; a width that leaves much of the
 # last panel padding (V = 65 is two panels of 32 and one of a single column);
-# and weights larger than a core's L2 cache, where the packed kernel gains
-# least and where a single-stream evaluation, which gives BLAS both cores,
-# lost 10% on a 2x512 LSTM. Those, and a failed allocation, go to BLAS.
+# and, unless BLAS runs on one thread, weights larger than a core's L2 cache,
+# where a single-stream evaluation, which gives BLAS both cores, lost 10% on
+# a 2x512 LSTM (Zen 4). Those, and a failed allocation, go to BLAS.
 cdef enum:
     PACKED_PRODUCT_MIN_ROWS = 8
     PACKED_PRODUCT_MAX_WEIGHT_BYTES = 1 << 20
@@ -255,7 +277,8 @@ cdef inline bint worth_packing(int m, int n, int k, real* kind) noexcept nogil:
     cdef int panel = CHARLM_NR_F if real is float else CHARLM_NR_D
     cdef int padding = (n + panel - 1) // panel * panel - n
     return (m >= PACKED_PRODUCT_MIN_ROWS and 8 * padding <= n
-            and <size_t>n * k * sizeof(real) <= PACKED_PRODUCT_MAX_WEIGHT_BYTES)
+            and (blas_on_one_thread
+                 or <size_t>n * k * sizeof(real) <= PACKED_PRODUCT_MAX_WEIGHT_BYTES))
 
 
 cdef void times_weights(bint w_transposed, int m, int n, int k, const real* a, int lda,

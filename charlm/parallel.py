@@ -47,15 +47,31 @@ def single_threaded_blas(workers):
     return blas_threads(1) if workers > 1 else contextlib.nullcontext()
 
 
-def blas_threads(threads):
-    """A context manager that runs BLAS on `threads` threads (0: as it is).
-    Inside single_threaded_blas, the single-stream passes (validation) use it
-    to get the cores back: there, one matrix-vector product per step is all
-    the parallelism there is."""
-    if not threads:
-        return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits
-    return threadpool_limits(limits=threads, user_api="blas")
+class blas_threads:
+    """Run BLAS on `threads` threads (0: as it is), from construction on (the
+    CLI sets it for the whole process), or, used as a context manager, until
+    the block ends. Inside single_threaded_blas, the single-stream passes
+    (validation) use it to get the cores back: there, one matrix-vector
+    product per step is all the parallelism there is.
+
+    The kernels are told whether BLAS is down to one thread: then they keep
+    even large products on their own kernel, which beats a single-threaded
+    BLAS, and otherwise leave those to BLAS's threads."""
+
+    def __init__(self, threads):
+        self._limits = None
+        if threads:
+            from threadpoolctl import threadpool_limits
+            self._limits = threadpool_limits(limits=threads, user_api="blas")
+            self._previous = K.set_blas_on_one_thread(threads == 1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._limits is not None:
+            self._limits.__exit__(*exc)
+            K.set_blas_on_one_thread(self._previous)
 
 
 class DataParallel:

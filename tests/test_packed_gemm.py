@@ -62,6 +62,43 @@ def test_weight_gradient_on_both_sides_of_the_size_limit(rows):
     assert np.all(np.abs(dW - exact) <= _tolerance(dgates.T, x, np.float32))
 
 
+# Over the size limits (weights over 1 MB, dgates over 4 MB) a product goes to
+# BLAS while BLAS has threads, and to the packed kernel when it runs on one
+# thread (training workers): both routes, through the same calls.
+@pytest.mark.parametrize("blas_threads", [1, 2])
+def test_large_products_on_both_routes(blas_threads):
+    from charlm.parallel import blas_threads as limit
+    rng = np.random.default_rng(blas_threads)
+    rows, G, In = 2100, 520, 530            # W_ih 1.1 MB, dgates 4.4 MB in float32
+    x = rng.standard_normal((rows, In)).astype(np.float32)
+    W_ih = rng.standard_normal((G, In)).astype(np.float32)
+    bias = rng.standard_normal(G).astype(np.float32)
+    dgates = rng.standard_normal((rows, G)).astype(np.float32)
+    gates = np.full((rows, G), np.nan, np.float32)
+    dW, db, dx = np.empty((G, In), np.float32), np.empty(G, np.float32), np.empty((rows, In), np.float32)
+    with limit(blas_threads):
+        K.input_from_dense(x, W_ih, bias, gates)
+        K.input_from_dense_backward(x, W_ih, dgates, dW, db, dx)
+    x64, W64, d64 = (v.astype(np.float64) for v in (x, W_ih, dgates))
+    assert np.all(np.abs(gates - (x64 @ W64.T + bias)) <= _tolerance(x, W_ih.T, np.float32) + 1e-5)
+    assert np.all(np.abs(dW - d64.T @ x64) <= _tolerance(dgates.T, x, np.float32))
+    assert np.all(np.abs(dx - d64 @ W64) <= _tolerance(dgates, W_ih, np.float32))
+
+
+def test_blas_threads_tells_the_kernels_and_restores():
+    from charlm.parallel import blas_threads
+    outside = K.set_blas_on_one_thread(False)
+    try:
+        with blas_threads(1):
+            assert K.set_blas_on_one_thread(True) is True
+            with blas_threads(2):
+                assert K.set_blas_on_one_thread(False) is False
+            assert K.set_blas_on_one_thread(True) is True
+        assert K.set_blas_on_one_thread(False) is False
+    finally:
+        K.set_blas_on_one_thread(outside)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_accumulate_adds_to_the_output(dtype):
     rng = np.random.default_rng(0)
