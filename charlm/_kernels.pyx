@@ -27,6 +27,7 @@ from libc.math cimport exp, expf, tanh, tanhf, log, logf
 from libc.string cimport memset, memcpy
 from libc.stdlib cimport malloc, free
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
+import numpy as np
 
 # A target id meaning "no loss at this position" (as PyTorch's ignore_index).
 cdef enum:
@@ -311,36 +312,48 @@ cdef void times_weights(bint w_transposed, int m, int n, int k, const real* a, i
 
 
 cdef extern from "_gemv.h":
-    # One row times a transposed weight matrix (see the header).
-    void charlm_gemv_t_f(int K, int N, const float* x, const float* bt, int ldb,
-                         float* y) noexcept nogil
-    void charlm_gemv_t_d(int K, int N, const double* x, const double* bt, int ldb,
-                         double* y) noexcept nogil
+    # One row times a weight matrix laid out in strips (see the header).
+    void charlm_gemv_layout_f(int K, int N, const float* b, Py_ssize_t stride_k,
+                              Py_ssize_t stride_n, float* out) noexcept nogil
+    void charlm_gemv_layout_d(int K, int N, const double* b, Py_ssize_t stride_k,
+                              Py_ssize_t stride_n, double* out) noexcept nogil
+    void charlm_gemv_f(int K, int N, const float* x, const float* laid_out,
+                       float* y) noexcept nogil
+    void charlm_gemv_d(int K, int N, const double* x, const double* laid_out,
+                       double* y) noexcept nogil
 
 
-cdef inline void gemv_t(int K, int N, const real* x, const real* bt, int ldb,
-                        real* y) noexcept nogil:
-    """y (N,) += x (K,) @ bt (K, N), bt row-major with row stride ldb."""
+cdef inline void gemv_layout(int K, int N, const real* W, real* out) noexcept nogil:
+    """out (K*N values) = W.T (K, N) laid out for gemv, W row-major (N, K)."""
     if real is float:
-        charlm_gemv_t_f(K, N, x, bt, ldb, y)
+        charlm_gemv_layout_f(K, N, W, 1, K, out)
     else:
-        charlm_gemv_t_d(K, N, x, bt, ldb, y)
+        charlm_gemv_layout_d(K, N, W, 1, K, out)
+
+
+cdef inline void gemv(int K, int N, const real* x, const real* laid_out,
+                      real* y) noexcept nogil:
+    """y (N,) += x (K,) @ W.T, W.T laid out by gemv_layout."""
+    if real is float:
+        charlm_gemv_f(K, N, x, laid_out, y)
+    else:
+        charlm_gemv_d(K, N, x, laid_out, y)
 
 
 # A single row (sampling, single-stream evaluation) times a weight matrix
 # (N outputs, K inputs) of up to this size goes through the own GEMV, the
-# matrix stored transposed (K, N); larger ones keep their (N, K) layout and
-# go to BLAS, whose GEMV reads a matrix that no longer fits one core's L2
-# with both cores (own GEMV on the 4 MB matrices of a 2x512 LSTM: sampling at
+# matrix laid out for it once; larger ones keep their (N, K) layout and go
+# to BLAS, whose GEMV reads a matrix that no longer fits one core's L2 with
+# both cores (own GEMV on the 4 MB matrices of a 2x512 LSTM: sampling at
 # half the speed; BLAS on them transposed: 8% slower than on their layout).
 DEF OWN_GEMV_MAX_BYTES = 512 * 1024
 
 
-cdef inline bint stored_transposed(int N, int K, size_t itemsize) noexcept nogil:
+cdef inline bint own_gemv_size(int N, int K, size_t itemsize) noexcept nogil:
     return <size_t>N * K * itemsize <= OWN_GEMV_MAX_BYTES
 
 
-# A single stream's recurrence transposes W_hh for the own GEMV only when the
+# A single stream's recurrence lays W_hh out for the own GEMV only when the
 # chunk has this many steps: the copy costs about as much as 100-200 steps
 # save (Model.next_logits, called per character by the reference sampler,
 # ran 2-3x slower when every call of one step transposed W_hh).
@@ -349,21 +362,18 @@ DEF OWN_GEMV_MIN_STEPS = 256
 
 cdef real* pack_W_hhT(const real* W_hh, int G, int H, int B, int T) except? NULL:
     """W_hh.T (H, G) laid out for times_W_hhT over T steps: packed when B > 1;
-    for a single stream over a long chunk, plainly transposed for the own
-    GEMV; else NULL (BLAS)."""
-    cdef real* transposed
-    cdef int g, j
+    for a single stream over a long chunk, laid out for the own GEMV; else
+    NULL (BLAS)."""
+    cdef real* laid_out
     if B > 1:
         return pack(W_hh, H, G, 1, H)
-    if T < OWN_GEMV_MIN_STEPS or not stored_transposed(G, H, sizeof(real)):
+    if T < OWN_GEMV_MIN_STEPS or not own_gemv_size(G, H, sizeof(real)):
         return NULL
-    transposed = <real*>malloc(<size_t>H * G * sizeof(real))
-    if transposed == NULL:
-        raise MemoryError("cannot allocate the transposed weights")
-    for g in range(G):
-        for j in range(H):
-            transposed[<size_t>j * G + g] = W_hh[<size_t>g * H + j]
-    return transposed
+    laid_out = <real*>malloc(<size_t>H * G * sizeof(real))
+    if laid_out == NULL:
+        raise MemoryError("cannot allocate the laid-out weights")
+    gemv_layout(H, G, W_hh, laid_out)
+    return laid_out
 
 
 cdef real* pack_W_hh(const real* W_hh, int G, int H, int B) except? NULL:
@@ -376,8 +386,8 @@ cdef inline void times_W_hhT(int B, int G, int H, const real* h, const real* W_h
     """out (B, G) += h (B, H) @ W_hh.T, W_hhT_packed from pack_W_hhT."""
     if W_hhT_packed != NULL and B > 1:
         packed_gemm(B, G, H, h, H, W_hhT_packed, True, out, G)
-    elif W_hhT_packed != NULL:                   # one stream: W_hh.T plainly
-        gemv_t(H, G, h, W_hhT_packed, G, out)
+    elif W_hhT_packed != NULL:                   # one stream: laid out for gemv
+        gemv(H, G, h, W_hhT_packed, out)
     else:
         gemm(False, True, B, G, H, 1, h, H, W_hh, H, 1, out, G)
 
@@ -1241,25 +1251,42 @@ cdef int _pick(const real* logits, int V, double temperature, int top_k, double 
 
 def sampler_stores_transposed(int rows, int cols, int itemsize):
     """True if sample_steps takes a (rows, cols) weight matrix (rows =
-    outputs) transposed, as (cols, rows); see OWN_GEMV_MAX_BYTES."""
-    return stored_transposed(rows, cols, itemsize)
+    outputs) as a (cols, rows) array; see OWN_GEMV_MAX_BYTES and
+    sampler_layout."""
+    return own_gemv_size(rows, cols, itemsize)
+
+
+def sampler_layout(const real[:, ::1] W, int batch):
+    """W (N outputs, K inputs) as sample_steps takes it for `batch` streams:
+    W itself when large; else a (K, N) array, W.T laid out for the own GEMV
+    with one stream, W.T itself with several (BLAS's GEMM)."""
+    cdef int N = W.shape[0], K = W.shape[1]
+    if not own_gemv_size(N, K, sizeof(real)):
+        return np.asarray(W)
+    if batch > 1:
+        return np.ascontiguousarray(np.asarray(W).T)
+    out = np.empty((K, N), np.float32 if real is float else np.float64)
+    cdef real[:, ::1] laid_out = out
+    with nogil:
+        gemv_layout(K, N, &W[0, 0], &laid_out[0, 0])
+    return out
 
 
 cdef tuple _sampler_layout(int N, int K, size_t itemsize):
     """The shape sample_steps expects of a weight with N outputs, K inputs."""
-    return (K, N) if stored_transposed(N, K, itemsize) else (N, K)
+    return (K, N) if own_gemv_size(N, K, itemsize) else (N, K)
 
 
 cdef inline void times_weight(int B, int N, int K, const real* a, const real* W,
                               real* out) noexcept nogil:
     """out (B,N) += a (B,K) @ W.T for a sampler's weight (N outputs, K inputs),
-    stored (K,N) if stored_transposed(N, K), else (N,K). One row times a
-    transposed matrix goes to the own GEMV; anything else to BLAS (GEMV for
-    one row, GEMM for several)."""
-    if not stored_transposed(N, K, sizeof(real)):
+    as sampler_layout gives it: (N,K) when large, else (K,N), laid out for
+    the own GEMV when B == 1, else W.T (BLAS's GEMM); large ones go to BLAS
+    (GEMV for one row, GEMM for several)."""
+    if not own_gemv_size(N, K, sizeof(real)):
         gemm(False, True, B, N, K, 1, a, K, W, K, 1, out, N)
     elif B == 1:
-        gemv_t(K, N, a, W, N, out)
+        gemv(K, N, a, W, out)
     else:
         gemm(False, False, B, N, K, 1, a, K, W, N, 1, out, N)
 
@@ -1359,9 +1386,9 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
     W_hh: L arrays (G, H).  bias: L arrays (G,), the projection biases
         (b_ih + b_hh; b_ih alone for the GRU).  b_hh: L arrays (G,), read by
         the GRU only.  W_out (V, H), b_out (V,).
-    W_ih, W_hh and W_out come transposed, (H, G) and (H, V), when
-        sampler_stores_transposed says so: small matrices, whose product with
-        one row then reads contiguous rows (see _gemv.h).
+    W_ih, W_hh and W_out come as sampler_layout(W, B) gives them: small
+        matrices as (H, G) and (H, V) arrays, laid out for the own GEMV
+        when B == 1 (see _gemv.h), transposed otherwise.
     h, c (L, B, H): the state, advanced in place. c is read only for the
         LSTM; for the other cells any array (e.g. an empty one) will do.
     prev_ids (B,) int32 in [0, V).

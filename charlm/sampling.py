@@ -104,15 +104,19 @@ class FusedSampler:
         L, dtype = config.layers, config.np_dtype
         self.cell = config.cell
         self.vocab_size = config.vocab_size
+        self._has_c = config.has_cell_state
+        B = state.h.shape[1] if state.h.ndim == 3 else 0
+        expected = (L, B, config.hidden)
+        if (B < 1 or state.h.shape != expected
+                or (self._has_c and state.c.shape != expected)):
+            raise ValueError(f"state must be (layers, batch, hidden) = {expected}, "
+                             f"got h of shape {state.h.shape}")
         # Laid out for the kernel once, not per call: layer 0's input weights
-        # transposed for the row gather, the small matrices transposed so
-        # that a product with one row reads contiguous rows (the kernel says
-        # which), and the biases folded as in training.
+        # transposed for the row gather, the small matrices as the kernel's
+        # own GEMV reads them (the kernel decides), and the biases folded as
+        # in training.
         def laid_out(name):
-            w = p[name]
-            if K.sampler_stores_transposed(w.shape[0], w.shape[1], w.itemsize):
-                return np.ascontiguousarray(w.T)
-            return w
+            return K.sampler_layout(p[name], B)
         self._weights = (
             np.ascontiguousarray(p["weight_ih_l0"].T),
             tuple(laid_out(f"weight_ih_l{k}") for k in range(1, L)),
@@ -122,13 +126,6 @@ class FusedSampler:
             laid_out("out.weight"), p["out.bias"])
         self._peep = tuple(p[f"weight_peep_l{k}"] for k in range(L)) \
             if config.cell == "lstm-peephole" else ()
-        self._has_c = config.has_cell_state
-        B = state.h.shape[1] if state.h.ndim == 3 else 0
-        expected = (L, B, config.hidden)
-        if (B < 1 or state.h.shape != expected
-                or (self._has_c and state.c.shape != expected)):
-            raise ValueError(f"state must be (layers, batch, hidden) = {expected}, "
-                             f"got h of shape {state.h.shape}")
         self.h = np.array(state.h, dtype, order="C")
         self.c = (np.array(state.c, dtype, order="C") if self._has_c
                   else np.empty((0, 0, 0), dtype))

@@ -92,9 +92,10 @@ def test_step_probabilities_equal_training_forward(cell, layers):
                                           ("lstm", 190)])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_batch_one_steps_equal_training_forward(cell, hidden, dtype):
-    """At batch 1 the small matrices go through the own GEMV (_gemv.h), stored
-    transposed: widths here give whole blocks of vectors, a few vectors more
-    and single columns (G = 148, 150, V = 13). The 190-unit LSTM's W_hh and
+    """At batch 1 the small matrices go through the own GEMV (_gemv.h), laid
+    out in strips: widths here give whole strips, a narrower last strip of a
+    few vectors and single columns (G = 148, 150), and a narrower strip alone
+    (V = 13). The 190-unit LSTM's W_hh and
     W_ih are over the size limit and keep BLAS, while its W_out does not."""
     model = _model(cell, 2, H=hidden, dtype=dtype)
     c, itemsize = model.config, np.dtype(dtype).itemsize
@@ -115,6 +116,19 @@ def test_batch_one_steps_equal_training_forward(cell, hidden, dtype):
         np.testing.assert_allclose(probs[t], _softmax(logits.astype(np.float64)),
                                    rtol=0, atol=tolerance)
     np.testing.assert_allclose(sampler.state.h, final.h, rtol=0, atol=tolerance)
+
+
+def test_sampler_layout_depends_on_the_batch():
+    """Small matrices: laid out in strips for one stream (the same values,
+    reordered), transposed for several; large ones as they are."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((150, 37)).astype(np.float32)
+    np.testing.assert_array_equal(K.sampler_layout(W, 3), W.T)
+    laid_out = K.sampler_layout(W, 1)
+    assert laid_out.shape == (37, 150) and not np.array_equal(laid_out, W.T)
+    np.testing.assert_array_equal(np.sort(laid_out, axis=None), np.sort(W, axis=None))
+    large = rng.standard_normal((600, 300)).astype(np.float32)      # 720 KB
+    np.testing.assert_array_equal(K.sampler_layout(large, 1), large)
 
 
 @pytest.mark.parametrize("cell", TORCH_CELLS)
