@@ -1298,7 +1298,7 @@ cdef void _cell_step(int cell, int B, int H, real* gates, real* hh,
 
     gates (B, G): in, the input projection (with both biases folded in; for
         the GRU, b_ih only); clobbered (the activated gates).
-    W_hh (G, H), or (H, G) when stored transposed (see times_weight).
+    W_hh (G, H), or an (H, G) array when small (see times_weight).
     b_hh (G,): read by the GRU only (the others have it folded).
     h, c (B, H): in, the previous state; out, the new one. Updating in place
         is safe: the GEMM has consumed h before, and unit j reads only h[j], c[j].
