@@ -356,7 +356,13 @@ cdef inline bint own_gemv_size(int N, int K, size_t itemsize) noexcept nogil:
 # A single stream's recurrence lays W_hh out for the own GEMV only when the
 # chunk has this many steps: the copy costs about as much as 100-200 steps
 # save (Model.next_logits, called per character by the reference sampler,
-# ran 2-3x slower when every call of one step transposed W_hh).
+# ran 2-3x slower when every call of one step transposed W_hh). A W_hh over
+# the size limit goes to the own GEMV too while BLAS runs on one thread (the
+# two-stage evaluation pipeline): there the own loop read a 4 MB matrix from
+# L3 at 90 GB/s (C model; 59 for the same loop over the plain transposed
+# matrix), and evaluation, which used BLAS's GEMV on one thread there, ran
+# 42-47k -> 78-83k chars/s for a 2x256 LSTM, 28.6-29.1k -> 37.8-38.3k for a
+# 2x384 GRU (Zen 5, 2026-12-02, 2 runs each).
 DEF OWN_GEMV_MIN_STEPS = 256
 
 
@@ -367,7 +373,7 @@ cdef real* pack_W_hhT(const real* W_hh, int G, int H, int B, int T) except? NULL
     cdef real* laid_out
     if B > 1:
         return pack(W_hh, H, G, 1, H)
-    if T < OWN_GEMV_MIN_STEPS or not own_gemv_size(G, H, sizeof(real)):
+    if T < OWN_GEMV_MIN_STEPS or not (blas_on_one_thread or own_gemv_size(G, H, sizeof(real))):
         return NULL
     laid_out = <real*>malloc(<size_t>H * G * sizeof(real))
     if laid_out == NULL:

@@ -99,6 +99,10 @@ def _windows(ids, chunk):
 # cores did as well or better (2-layer models, 2 cores of a Zen 4, chars/s,
 # pipeline vs not: LSTM H=128 105k vs 91k, H=256 35k vs 25k, H=384 15k vs
 # 19k, H=512 9.5k vs 10.8k; GRU H=384 16.7k vs 11.1k, H=512 11.4k vs 11.8k).
+# Since the stages multiply by W_hh through the own GEMV (see pack_W_hhT in
+# _kernels.pyx), the limit still holds on a Zen 5 (2026-12-02: LSTM H=384
+# 26.0-28.4k pipelined vs 26.3-27.6k not, H=512 14.1-14.4k vs 13.0-14.7k;
+# GRU H=512 20.1-20.6k vs 18.2-20.7k).
 PIPELINE_MAX_WEIGHT_BYTES = 2 << 20     # W_hh of one layer: LSTM H=362, GRU H=418
 _END = object()
 

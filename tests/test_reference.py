@@ -108,18 +108,22 @@ def test_log_probs_match_reference(cell, dtype):
     assert ref_loss == pytest.approx(-ref_logp.mean(), rel=1e-14)
 
 
+@pytest.mark.parametrize("blas_threads", [0, 1])
 @pytest.mark.parametrize("hidden", [37, 190])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_single_stream_log_probs_match_reference(cell, dtype, hidden):
+def test_single_stream_log_probs_match_reference(cell, dtype, hidden, blas_threads):
     """A single stream over a long chunk (evaluation) multiplies by W_hh
     through the own GEMV while W_hh fits its size limit (37 units: G = 148
-    leaves whole blocks, loose vectors and single columns), else through
-    BLAS (the 190-unit LSTMs, and the 190-unit GRU in float64); short
-    chunks always through BLAS."""
+    leaves whole strips, a narrower one and single columns), else through
+    BLAS (the 190-unit LSTMs, and the 190-unit GRU in float64) unless BLAS
+    runs on one thread (then all through the own GEMV); short chunks always
+    through BLAS."""
+    from charlm.parallel import blas_threads as limit
     for T in (3, 300):
         model, x, y, state = _problem(cell, 2, dtype, H=hidden, T=T, B=1, seed=7)
-        logp, _ = model.log_probs(x, y, state)
+        with limit(blas_threads):
+            logp, _ = model.log_probs(x, y, state)
         ref_logp = reference.log_probs(model.config, model.params, x, y, state.h, state.c)
         _assert_close(logp, ref_logp, dtype, f"log p(y), {T} steps")
 
