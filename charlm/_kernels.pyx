@@ -227,6 +227,12 @@ def set_blas_on_one_thread(bint one_thread):
     return previous
 
 
+cdef inline bint own_kernel_takes(size_t nbytes, size_t limit) noexcept nogil:
+    """Whether an operand of nbytes goes to the own kernel under a size limit
+    that stands only while BLAS has threads to spare (see above)."""
+    return blas_on_one_thread or nbytes <= limit
+
+
 # Weight gradients, dW (G, In) = dgates.T (G, N) @ x (N, In), summed over the
 # N = T*B rows of a chunk. BLAS copies (and transposes) all of dgates before
 # multiplying; the packed product reads dgates where it lies (the MR values
@@ -245,7 +251,7 @@ cdef void weight_gradient(int G, int In, int N, const real* dgates, const real* 
                           real* dW) noexcept nogil:
     """dW (G, In) = dgates.T @ x for dgates (N, G) and x (N, In), row-major."""
     cdef real* x_packed = NULL
-    if blas_on_one_thread or <size_t>G * N * sizeof(real) <= PACKED_WEIGHT_GRADIENT_MAX_BYTES:
+    if own_kernel_takes(<size_t>G * N * sizeof(real), PACKED_WEIGHT_GRADIENT_MAX_BYTES):
         x_packed = pack_or_null(x, N, In, In, 1)
     if x_packed == NULL:            # too large, or no memory: BLAS needs none of ours
         gemm(True, False, G, In, N, 1, dgates, G, x, In, 0, dW, In)
@@ -278,8 +284,7 @@ cdef inline bint worth_packing(int m, int n, int k, real* kind) noexcept nogil:
     cdef int panel = CHARLM_NR_F if real is float else CHARLM_NR_D
     cdef int padding = (n + panel - 1) // panel * panel - n
     return (m >= PACKED_PRODUCT_MIN_ROWS and 8 * padding <= n
-            and (blas_on_one_thread
-                 or <size_t>n * k * sizeof(real) <= PACKED_PRODUCT_MAX_WEIGHT_BYTES))
+            and own_kernel_takes(<size_t>n * k * sizeof(real), PACKED_PRODUCT_MAX_WEIGHT_BYTES))
 
 
 cdef void times_weights(bint w_transposed, int m, int n, int k, const real* a, int lda,
@@ -373,7 +378,8 @@ cdef real* pack_W_hhT(const real* W_hh, int G, int H, int B, int T) except? NULL
     cdef real* laid_out
     if B > 1:
         return pack(W_hh, H, G, 1, H)
-    if T < OWN_GEMV_MIN_STEPS or not (blas_on_one_thread or own_gemv_size(G, H, sizeof(real))):
+    if T < OWN_GEMV_MIN_STEPS or not own_kernel_takes(<size_t>G * H * sizeof(real),
+                                                      OWN_GEMV_MAX_BYTES):
         return NULL
     laid_out = <real*>malloc(<size_t>H * G * sizeof(real))
     if laid_out == NULL:
