@@ -48,6 +48,9 @@ if not portable and sys.platform != "win32":
     compile_args += ["-march=native", "-mprefer-vector-width=512"]
 if debug:
     compile_args = ["-O1", "-g"]
+# POSIX threads, for the team that shares a single stream's recurrence
+# (charlm/_team.h); without them (Windows) the team's work runs on one thread.
+thread_args = ["-pthread"] if sys.platform != "win32" else []
 
 directives = {
     "language_level": 3,
@@ -64,8 +67,9 @@ extensions = [
         ["charlm/_kernels.pyx"],
         include_dirs=["charlm"],
         depends=["charlm/_fastmath.h", "charlm/_packed_gemm.h", "charlm/_lstm_units.h",
-                 "charlm/_gru_units.h", "charlm/_gemv.h"],
-        extra_compile_args=compile_args,
+                 "charlm/_gru_units.h", "charlm/_gemv.h", "charlm/_team.h"],
+        extra_compile_args=compile_args + thread_args,
+        extra_link_args=thread_args,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
                        ("CHARLM_DEBUG_BUILD", "1" if debug else "0")],
     )

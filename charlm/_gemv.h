@@ -102,17 +102,53 @@ static inline void charlm_gemv_layout_##SUFFIX(int K, int N, const REAL* b,     
     }                                                                             \
 }                                                                                 \
                                                                                   \
+/* The same for the columns rows[0:N] of Bt = w.T, w row-major with row      \
+ * stride ldw: column n of the result is row rows[n] of w. */                    \
+static inline void charlm_gemv_layout_rows_##SUFFIX(int K, int N, const REAL* w, \
+                                                    ptrdiff_t ldw,                \
+                                                    const int* rows, REAL* out)   \
+{                                                                                 \
+    int n0, k, j;                                                                 \
+    for (n0 = 0; n0 < N; n0 += STRIP) {                                           \
+        int width = N - n0 < STRIP ? N - n0 : STRIP;                              \
+        for (k = 0; k < K; k++)                                                   \
+            for (j = 0; j < width; j++)                                           \
+                *out++ = w[rows[n0 + j] * ldw + k];                               \
+    }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* y[0:N] += x[0:K] @ Bt, Bt laid out by charlm_gemv_layout, the strips taken    \
+ * first to last, or last to first when `backwards`. Each output's sum is the    \
+ * same either way; the order matters for a matrix larger than the cache that    \
+ * is read at every step: taken alternately forwards and backwards, each pass    \
+ * starts with the strips the last one read, still in cache, where a pass        \
+ * always in the same order finds none of them there (the cache evicts the       \
+ * least recently used strips: exactly the next ones wanted). */                 \
+static inline void charlm_gemv_dir_##SUFFIX(int K, int N, const REAL* x,         \
+                                            const REAL* laid_out, REAL* y,        \
+                                            int backwards)                        \
+{                                                                                 \
+    const int full = N / STRIP;                 /* whole strips */                \
+    const int n_last = full * STRIP;            /* the narrower last strip */     \
+    int s;                                                                        \
+    if (backwards && n_last < N)                                                  \
+        charlm_gemv_t_##SUFFIX(K, N - n_last, x, laid_out + (size_t)n_last * K,   \
+                               N - n_last, y + n_last);                           \
+    for (s = 0; s < full; s++) {                                                  \
+        const int n0 = (backwards ? full - 1 - s : s) * STRIP;                    \
+        charlm_gemv_block_##SUFFIX(CHARLM_GEMV_VECS, K, x,                        \
+                                   laid_out + (size_t)n0 * K, STRIP, y + n0);     \
+    }                                                                             \
+    if (!backwards && n_last < N)                                                 \
+        charlm_gemv_t_##SUFFIX(K, N - n_last, x, laid_out + (size_t)n_last * K,   \
+                               N - n_last, y + n_last);                           \
+}                                                                                 \
+                                                                                  \
 /* y[0:N] += x[0:K] @ Bt, Bt laid out by charlm_gemv_layout. */                  \
 static inline void charlm_gemv_##SUFFIX(int K, int N, const REAL* x,             \
                                         const REAL* laid_out, REAL* y)            \
 {                                                                                 \
-    int n0;                                                                       \
-    for (n0 = 0; n0 + STRIP <= N; n0 += STRIP)                                    \
-        charlm_gemv_block_##SUFFIX(CHARLM_GEMV_VECS, K, x,                        \
-                                   laid_out + (size_t)n0 * K, STRIP, y + n0);     \
-    if (n0 < N)                                 /* the narrower last strip */     \
-        charlm_gemv_t_##SUFFIX(K, N - n0, x, laid_out + (size_t)n0 * K, N - n0,   \
-                               y + n0);                                           \
+    charlm_gemv_dir_##SUFFIX(K, N, x, laid_out, y, 0);                            \
 }
 
 CHARLM_DEFINE_GEMV_LAYOUT(f, float, CHARLM_GEMV_STRIP_F)

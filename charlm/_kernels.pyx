@@ -388,6 +388,69 @@ cdef real* pack_W_hhT(const real* W_hh, int G, int H, int B, int T) except? NULL
     return laid_out
 
 
+cdef extern from "_team.h":
+    # A single stream's recurrence shared by a team of threads (see the header).
+    int CHARLM_TEAM_MAX
+    int CHARLM_LSTM, CHARLM_GRU, CHARLM_RNN_TANH, CHARLM_RNN_RELU
+    int charlm_one_stream_forward_f(int cell, int members, int T, int H, float* gates,
+                                    const float* W_hh, float* h, float* c,
+                                    float* tanh_c, const float* peep,
+                                    const float* b_hh, float* hn) noexcept nogil
+    int charlm_one_stream_forward_d(int cell, int members, int T, int H, double* gates,
+                                    const double* W_hh, double* h, double* c,
+                                    double* tanh_c, const double* peep,
+                                    const double* b_hh, double* hn) noexcept nogil
+
+
+# A single stream over a long chunk whose W_hh is over the own GEMV's size
+# limit goes to a team of this many of our own threads, when the caller
+# allows more than one (charlm.parallel.one_stream_team; evaluation does),
+# each thread owning a share of the units and its rows of W_hh, with one
+# barrier per step (_team.h). It replaced BLAS's GEMV on both cores, which
+# streamed the whole matrix from L3 at every step with a hand-off per call:
+# evaluation of a 2x512 LSTM on a Zen 5 went from 13-14k chars/s to 16-19k
+# (2026-12-02, benchmarks/bench_eval.py).
+cdef int one_stream_threads = 1
+cdef long one_stream_team_runs = 0      # recurrences the team has run (for the tests)
+
+
+def set_one_stream_threads(int threads):
+    """The threads a single stream's recurrence may use (at most
+    CHARLM_TEAM_MAX); returns the previous setting."""
+    global one_stream_threads
+    previous = one_stream_threads
+    one_stream_threads = max(1, min(threads, CHARLM_TEAM_MAX))
+    return previous
+
+
+def team_runs():
+    """How many recurrences a team of threads has run in this process."""
+    return one_stream_team_runs
+
+
+cdef bint one_stream_on_team(int cell, int T, int B, int H, int G, real* gates,
+                             const real* W_hh, real* h, real* c, real* tanh_c,
+                             const real* peep, const real* b_hh,
+                             real* hn) noexcept nogil:
+    global one_stream_team_runs
+    """Run the recurrence (arrays as the forward kernels take them) on the
+    team if it takes it (see above); False: not run, nothing written."""
+    if (B != 1 or T < OWN_GEMV_MIN_STEPS or one_stream_threads < 2
+            or <size_t>G * H * sizeof(real) <= OWN_GEMV_MAX_BYTES):
+        return False
+    cdef int status
+    if real is float:
+        status = charlm_one_stream_forward_f(cell, one_stream_threads, T, H, gates, W_hh,
+                                             h, c, tanh_c, peep, b_hh, hn)
+    else:
+        status = charlm_one_stream_forward_d(cell, one_stream_threads, T, H, gates, W_hh,
+                                             h, c, tanh_c, peep, b_hh, hn)
+    if status != 0:
+        return False
+    one_stream_team_runs += 1
+    return True
+
+
 cdef real* pack_W_hh(const real* W_hh, int G, int H, int B) except? NULL:
     """W_hh (G, H) packed for times_W_hh; NULL when B == 1."""
     return pack(W_hh, G, H, H, 1) if B > 1 else NULL
@@ -625,7 +688,14 @@ def rnn_forward(bint relu, real[:, :, ::1] gates, const real[:, ::1] W_hh,
     cdef real* pre
     cdef real* h_new
     cdef real* W_hhT
+    cdef bint on_team
     _check_recurrence(T, B, H, H, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
+    with nogil:
+        on_team = one_stream_on_team(CHARLM_RNN_RELU if relu else CHARLM_RNN_TANH, T, B, H,
+                                     H, &gates[0, 0, 0], &W_hh[0, 0], &h[0, 0, 0], NULL,
+                                     NULL, NULL, NULL, NULL)
+    if on_team:
+        return
     W_hhT = pack_W_hhT(&W_hh[0, 0], H, H, B, T)
     try:
         with nogil:
@@ -773,10 +843,17 @@ def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     cdef int t, b
     cdef const real* w_peep
     cdef real* W_hhT
+    cdef bint on_team
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(c, 3) == (T + 1, B, H) and _shape(tanh_c, 3) == (T, B, H),
              "c must be (T+1, B, H) and tanh_c (T, B, H)")
     w_peep = _peep_pointer(peep, H)
+    with nogil:
+        on_team = one_stream_on_team(CHARLM_LSTM, T, B, H, G, &gates[0, 0, 0], &W_hh[0, 0],
+                                     &h[0, 0, 0], &c[0, 0, 0], &tanh_c[0, 0, 0], w_peep,
+                                     NULL, NULL)
+    if on_team:
+        return
     W_hhT = pack_W_hhT(&W_hh[0, 0], G, H, B, T)
     try:
         with nogil:
@@ -904,9 +981,15 @@ def gru_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     cdef int T = gates.shape[0], B = gates.shape[1], H = h.shape[2], G = 3 * H
     cdef int t, b
     cdef real* W_hhT
+    cdef bint on_team
     _check_recurrence(T, B, H, G, (_shape(gates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(b_hh.shape[0] == G and _shape(hn, 3) == (T, B, H)
              and _shape(hh, 2) == (B, G), "gru_forward: shape mismatch")
+    with nogil:
+        on_team = one_stream_on_team(CHARLM_GRU, T, B, H, G, &gates[0, 0, 0], &W_hh[0, 0],
+                                     &h[0, 0, 0], NULL, NULL, NULL, &b_hh[0], &hn[0, 0, 0])
+    if on_team:
+        return
     W_hhT = pack_W_hhT(&W_hh[0, 0], G, H, B, T)
     try:
         with nogil:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import release_pages
-from .parallel import blas_threads, usable_cores
+from .parallel import blas_threads, one_stream_team, usable_cores
 
 CHUNK = 2048
 RELEASE_EVERY_IDS = 1 << 20   # unmap the pages of a mapped text every ~1M ids read
@@ -53,19 +53,23 @@ def chunked_log_probs(model, ids, chunk=CHUNK):
     one text (as a file is read block by block). The model's id check runs
     before any kernel.
 
-    With two or more cores and a small model the chunks go through a
-    two-stage pipeline (see _pipelined); the figures are the same either way,
-    to the last bit.
+    With two or more cores, the chunks of a small model go through a
+    two-stage pipeline (see _pipelined), and a large model's recurrences run
+    on a team of threads (_team.h); the figures are the same either way, to
+    the last bit.
     """
     windows = _windows(ids, chunk)
     if _pipeline_pays(model):
         with blas_threads(1):       # the two stages are the parallelism
             yield from _pipelined(model, windows)
         return
-    state = model.zero_state(1)
-    for window in windows:
-        logp, state = model.log_probs(window[:-1, None], window[1:, None], state)
-        yield logp[:, 0]
+    # BLAS on one thread: its idle threads would spin for a while after
+    # each product, on the cores the team's threads need.
+    with blas_threads(1), one_stream_team(min(usable_cores(), TEAM_MAX_THREADS)):
+        state = model.zero_state(1)
+        for window in windows:
+            logp, state = model.log_probs(window[:-1, None], window[1:, None], state)
+            yield logp[:, 0]
 
 
 def _windows(ids, chunk):
@@ -87,23 +91,28 @@ def _windows(ids, chunk):
 
 
 # Batch 1 leaves a single stream with one matrix-vector product per layer and
-# step: nothing for a second core within a step. But layer l at chunk k+1
-# does not wait for layer l+1 at chunk k, so a helper thread runs the lower
-# half of the layers one chunk ahead of the calling thread, which runs the
-# upper half, the output layer and the softmax (the kernels release the GIL).
-# Each thread keeps its layers' weights in its own core's cache.
+# step. Two ways to use a second core:
 #
-# It pays while a layer's recurrent weights are small enough to stay near
-# their core: then a step is latency, not bandwidth. Larger ones stream from
-# the shared L3 cache at every step, and BLAS splitting each product over both
-# cores did as well or better (2-layer models, 2 cores of a Zen 4, chars/s,
-# pipeline vs not: LSTM H=128 105k vs 91k, H=256 35k vs 25k, H=384 15k vs
-# 19k, H=512 9.5k vs 10.8k; GRU H=384 16.7k vs 11.1k, H=512 11.4k vs 11.8k).
-# Since the stages multiply by W_hh through the own GEMV (see pack_W_hhT in
-# _kernels.pyx), the limit still holds on a Zen 5 (2026-12-02: LSTM H=384
-# 26.0-28.4k pipelined vs 26.3-27.6k not, H=512 14.1-14.4k vs 13.0-14.7k;
-# GRU H=512 20.1-20.6k vs 18.2-20.7k).
-PIPELINE_MAX_WEIGHT_BYTES = 2 << 20     # W_hh of one layer: LSTM H=362, GRU H=418
+# - A pipeline of layers (small models). Layer l at chunk k+1 does not wait
+#   for layer l+1 at chunk k, so a helper thread runs the lower half of the
+#   layers one chunk ahead of the calling thread, which runs the upper half,
+#   the output layer and the softmax (the kernels release the GIL). Each
+#   thread keeps its layers' weights in its own core's cache, and a step is
+#   latency, not bandwidth.
+# - A team within each step (large models): each core owns a share of every
+#   layer's units and of its W_hh, and the cores meet once per step
+#   (_team.h). W_hh no longer fits one core's cache; shared so, and read
+#   alternately forwards and backwards, half of each share stays in cache.
+#
+# Where the one overtakes the other (2-layer models, 2 cores of a Zen 5,
+# 2026-12-02, chars/s, 3 runs each, pipeline vs team): LSTM H=192 (W_hh
+# 576 KB) 134-170k vs 107-119k; H=256 (1 MB) 69-76k vs 70-83k; H=320 39k vs
+# 45-54k; GRU H=256 (768 KB) 94-96k vs 89-105k, H=384 37-38k vs 43-47k; RNN
+# H=384 162-183k vs 148-151k, H=512 (1 MB) 73-85k vs 91-100k. Before the team,
+# large models went to BLAS's GEMV on both cores (LSTM 2x512: 13-14k chars/s,
+# against 16-19k with the team).
+PIPELINE_MAX_WEIGHT_BYTES = 768 << 10   # W_hh of one layer: LSTM H=221, GRU H=256
+TEAM_MAX_THREADS = 2                    # measured with 2; see _team.h
 _END = object()
 
 

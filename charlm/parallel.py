@@ -160,3 +160,14 @@ def _concat_states(states):
     h = np.concatenate([s.h for s in states], axis=1)
     c = None if states[0].c is None else np.concatenate([s.c for s in states], axis=1)
     return State(h, c)
+
+
+@contextlib.contextmanager
+def one_stream_team(threads):
+    """Within the block, a single stream's recurrence over a large W_hh runs
+    on a team of `threads` threads (_team.h; 1: on the calling thread)."""
+    previous = K.set_one_stream_threads(threads)
+    try:
+        yield
+    finally:
+        K.set_one_stream_threads(previous)

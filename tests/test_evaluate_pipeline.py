@@ -66,10 +66,10 @@ def test_abandoning_the_generator_stops_the_helper():
 
 
 def test_large_models_are_not_pipelined():
-    """Weights past the limit stream from L3 at every step: BLAS on both
-    cores does as well, so the sequential loop runs."""
+    """Weights past the limit no longer fit near one core: a team of threads
+    shares each step instead (see test_team.py)."""
     with mock.patch.object(evaluate, "usable_cores", lambda: 2):
-        assert evaluate._pipeline_pays(Model(Config(vocab_size=5, cell="lstm", hidden=256, layers=1)))
-        assert not evaluate._pipeline_pays(Model(Config(vocab_size=5, cell="lstm", hidden=512, layers=1)))
+        assert evaluate._pipeline_pays(Model(Config(vocab_size=5, cell="lstm", hidden=200, layers=1)))
+        assert not evaluate._pipeline_pays(Model(Config(vocab_size=5, cell="lstm", hidden=256, layers=1)))
     with mock.patch.object(evaluate, "usable_cores", lambda: 1):
         assert not evaluate._pipeline_pays(Model(Config(vocab_size=5, cell="lstm", hidden=64, layers=2)))

@@ -1,0 +1,330 @@
+/* One stream's recurrence shared by a team of threads, step by step.
+ *
+ * Scoring a text is a single stream (batch 1): each step multiplies h_{t-1}
+ * by W_hh, one matrix-vector product, and the next step needs all of its
+ * result. For a large layer (a 512-unit LSTM's W_hh is 4 MB) the step is
+ * bound by reading W_hh, which no core's L2 holds. BLAS's GEMV splits each
+ * product over its threads, with a hand-off per call, and streams the whole
+ * matrix from the shared L3 at every step.
+ *
+ * Here each member of the team owns a share of the units, with all their
+ * gates: its rows of W_hh, laid out once (by the member itself, so they
+ * start in its own core's cache) for the strip GEMV of _gemv.h, and the
+ * whole cell update of those units. A step: each member multiplies h_{t-1}
+ * by its rows, updates its units and writes its share of h_t; then each
+ * waits for the others to finish the step (one barrier per step: step t+1
+ * reads all of h_t, and writes h_{t+1}, a different row). With two members
+ * a 512-unit LSTM's share is 2 MB, more than a Zen 5 core's 1 MB L2; read
+ * alternately forwards and backwards (charlm_gemv_dir), about half of it
+ * comes from L2 at each step. C model of one layer (Zen 5): one thread 50 us
+ * per step, two 26, two alternating 20.6; BLAS's GEMV on two threads ~35.
+ *
+ * Every output is summed in the same order as by charlm_gemv on one thread,
+ * so the result does not depend on the number of members, to the last bit.
+ *
+ * The barrier spins (a step lasts microseconds, less than putting a thread
+ * to sleep and waking it), then yields the core once it has waited long, so
+ * that a member whose thread was descheduled gets it back. If a thread
+ * cannot be started, the calling thread plays every member in turn.
+ */
+#ifndef CHARLM_TEAM_H
+#define CHARLM_TEAM_H
+
+#include <stdlib.h>
+#include <string.h>
+#include "_fastmath.h"
+#include "_gemv.h"
+#include "_gru_units.h"
+#include "_lstm_units.h"
+
+#ifndef _WIN32
+#include <pthread.h>
+#include <sched.h>
+#define CHARLM_HAS_THREADS 1
+#else
+#define CHARLM_HAS_THREADS 0
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CHARLM_SPIN_PAUSE() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CHARLM_SPIN_PAUSE() __asm__ __volatile__("yield")
+#else
+#define CHARLM_SPIN_PAUSE() ((void)0)
+#endif
+
+#define CHARLM_TEAM_MAX 4
+#define CHARLM_TEAM_SPINS 20000       /* ~0.1-1 ms of pauses, then yield */
+
+/* A member's work at step t (0 <= t < steps); t = -1: its preparation. */
+typedef void (*charlm_team_task)(void* job, int member, int t);
+
+/* Steps a member has finished, alone on its cache line. */
+typedef struct {
+    int finished;
+    char pad[64 - sizeof(int)];
+} __attribute__((aligned(64))) charlm_team_counter;
+
+typedef struct {
+    charlm_team_counter counter[CHARLM_TEAM_MAX];
+    int members, steps;
+    charlm_team_task task;
+    void* job;
+    int go;                  /* 0: wait; 1: play; -1: abandoned */
+} charlm_team;
+
+typedef struct {
+    charlm_team* team;
+    int member;
+} charlm_team_seat;
+
+static inline void charlm_team_spin(long* spins)
+{
+    if (++*spins < CHARLM_TEAM_SPINS)
+        CHARLM_SPIN_PAUSE();
+#if CHARLM_HAS_THREADS
+    else
+        sched_yield();
+#endif
+}
+
+/* Wait until every member has finished `steps` steps. */
+static inline void charlm_team_wait(charlm_team* team, int steps)
+{
+    for (int m = 0; m < team->members; m++) {
+        long spins = 0;
+        while (__atomic_load_n(&team->counter[m].finished, __ATOMIC_ACQUIRE) < steps)
+            charlm_team_spin(&spins);
+    }
+}
+
+static void charlm_team_play(charlm_team* team, int member)
+{
+    team->task(team->job, member, -1);
+    for (int t = 0; t < team->steps; t++) {
+        team->task(team->job, member, t);
+        /* release: this member's writes of step t are seen by whoever sees the count */
+        __atomic_store_n(&team->counter[member].finished, t + 1, __ATOMIC_RELEASE);
+        charlm_team_wait(team, t + 1);
+    }
+}
+
+/* Every member in turn, on the calling thread: the same work, in an order
+ * the barrier allows (all of step t before any of step t+1). */
+static void charlm_team_play_alone(charlm_team* team)
+{
+    for (int m = 0; m < team->members; m++)
+        team->task(team->job, m, -1);
+    for (int t = 0; t < team->steps; t++)
+        for (int m = 0; m < team->members; m++)
+            team->task(team->job, m, t);
+}
+
+#if CHARLM_HAS_THREADS
+static void* charlm_team_thread(void* arg)
+{
+    charlm_team_seat* seat = (charlm_team_seat*)arg;
+    long spins = 0;
+    int go;
+    while ((go = __atomic_load_n(&seat->team->go, __ATOMIC_ACQUIRE)) == 0)
+        charlm_team_spin(&spins);
+    if (go > 0)
+        charlm_team_play(seat->team, seat->member);
+    return NULL;
+}
+#endif
+
+/* Run `steps` steps of `task` on `members` threads (the caller is member 0). */
+static void charlm_team_run(int members, int steps, charlm_team_task task, void* job)
+{
+    charlm_team team;
+    int started = 0;
+    memset(&team, 0, sizeof team);
+    team.members = members;
+    team.steps = steps;
+    team.task = task;
+    team.job = job;
+#if CHARLM_HAS_THREADS
+    pthread_t threads[CHARLM_TEAM_MAX];
+    charlm_team_seat seats[CHARLM_TEAM_MAX];
+    for (int m = 1; m < members; m++) {
+        seats[m].team = &team;
+        seats[m].member = m;
+        if (pthread_create(&threads[m], NULL, charlm_team_thread, &seats[m]) != 0)
+            break;
+        started++;
+    }
+    __atomic_store_n(&team.go, started == members - 1 ? 1 : -1, __ATOMIC_RELEASE);
+    if (started == members - 1)
+        charlm_team_play(&team, 0);
+    for (int m = 1; m <= started; m++)
+        pthread_join(threads[m], NULL);
+#endif
+    if (started < members - 1)
+        charlm_team_play_alone(&team);
+}
+
+
+/* The recurrences. Cells as _kernels.pyx numbers them. */
+enum { CHARLM_LSTM = 0, CHARLM_GRU = 1, CHARLM_RNN_TANH = 2, CHARLM_RNN_RELU = 3 };
+
+#define CHARLM_DEFINE_ONE_STREAM(SUFFIX, REAL, TANH)                             \
+                                                                                  \
+/* A member's share: units [u0, u0 + n), blocks gate blocks of n each. */         \
+typedef struct {                                                                  \
+    int u0, n;                                                                    \
+    int* rows;            /* (blocks*n): its rows of W_hh, gate block by block */\
+    REAL* laid_out;       /* (H, blocks*n): W_hh[rows].T laid out for gemv */    \
+    REAL* pre;            /* (blocks*n): its gates, pre-activation, activated */ \
+    REAL* hh;             /* GRU (3n): W_hh h_{t-1} + b_hh for its units */      \
+    REAL* peep;           /* LSTM with peepholes (3n), else NULL */              \
+} charlm_share_##SUFFIX;                                                         \
+                                                                                  \
+typedef struct {                                                                  \
+    int cell, H, blocks;                                                          \
+    const REAL* W_hh;     /* (blocks*H, H) */                                    \
+    REAL* gates;          /* (T, blocks*H), as the single-thread kernels take */ \
+    REAL* h;              /* (T+1, H) */                                         \
+    REAL* c;              /* LSTM (T+1, H) */                                    \
+    REAL* tanh_c;         /* LSTM (T, H) */                                      \
+    const REAL* peep;     /* LSTM (3H) or NULL */                                \
+    const REAL* b_hh;     /* GRU (3H) */                                         \
+    REAL* hn;             /* GRU (T, H) */                                       \
+    charlm_share_##SUFFIX share[CHARLM_TEAM_MAX];                                 \
+} charlm_one_stream_##SUFFIX;                                                    \
+                                                                                  \
+/* dst[q*n + j] = src[q*H + j]: a share's slice of each gate block, and back. */ \
+static inline void charlm_gather_##SUFFIX(REAL* dst, const REAL* src,            \
+                                          int blocks, int n, int H)               \
+{                                                                                 \
+    for (int q = 0; q < blocks; q++)                                              \
+        memcpy(dst + (size_t)q * n, src + (size_t)q * H, n * sizeof(REAL));       \
+}                                                                                 \
+                                                                                  \
+static inline void charlm_scatter_##SUFFIX(REAL* dst, const REAL* src,           \
+                                           int blocks, int n, int H)              \
+{                                                                                 \
+    for (int q = 0; q < blocks; q++)                                              \
+        memcpy(dst + (size_t)q * H, src + (size_t)q * n, n * sizeof(REAL));       \
+}                                                                                 \
+                                                                                  \
+static void charlm_one_stream_task_##SUFFIX(void* arg, int member, int t)        \
+{                                                                                 \
+    charlm_one_stream_##SUFFIX* job = (charlm_one_stream_##SUFFIX*)arg;          \
+    charlm_share_##SUFFIX* s = &job->share[member];                               \
+    const int H = job->H, n = s->n, u0 = s->u0, width = job->blocks * n;          \
+    if (t < 0) {                                                                  \
+        charlm_gemv_layout_rows_##SUFFIX(H, width, job->W_hh, H, s->rows,         \
+                                         s->laid_out);                            \
+        return;                                                                   \
+    }                                                                             \
+    REAL* gate = job->gates + (size_t)t * job->blocks * H + u0;                   \
+    const REAL* h_prev = job->h + (size_t)t * H;  /* all of h_{t-1} */            \
+    REAL* h = job->h + (size_t)(t + 1) * H + u0;  /* this share of h_t */         \
+    const int backwards = t & 1;                                                  \
+    switch (job->cell) {                                                          \
+    case CHARLM_LSTM:                                                             \
+        /* pre = a + W_hh h_{t-1}   (4n) */                                       \
+        charlm_gather_##SUFFIX(s->pre, gate, 4, n, H);                            \
+        charlm_gemv_dir_##SUFFIX(H, width, h_prev, s->laid_out, s->pre, backwards);\
+        charlm_lstm_forward_units_##SUFFIX(                                       \
+            n, s->pre, job->c + (size_t)t * H + u0, job->c + (size_t)(t + 1) * H + u0,\
+            job->tanh_c + (size_t)t * H + u0, h, s->peep);                        \
+        charlm_scatter_##SUFFIX(gate, s->pre, 4, n, H);                           \
+        break;                                                                    \
+    case CHARLM_GRU:                                                              \
+        /* hh = W_hh h_{t-1} + b_hh   (3n) */                                     \
+        charlm_gather_##SUFFIX(s->hh, job->b_hh + u0, 3, n, H);                   \
+        charlm_gemv_dir_##SUFFIX(H, width, h_prev, s->laid_out, s->hh, backwards);\
+        charlm_gather_##SUFFIX(s->pre, gate, 3, n, H);                            \
+        charlm_gru_forward_units_##SUFFIX(n, s->pre, s->hh, h_prev + u0, h);      \
+        charlm_scatter_##SUFFIX(gate, s->pre, 3, n, H);                           \
+        memcpy(job->hn + (size_t)t * H + u0, s->hh + 2 * (size_t)n,               \
+               n * sizeof(REAL));                                                 \
+        break;                                                                    \
+    default:                                                                      \
+        /* the pre-activations in place: one gate block */                        \
+        charlm_gemv_dir_##SUFFIX(H, n, h_prev, s->laid_out, gate, backwards);     \
+        for (int j = 0; j < n; j++)                                               \
+            h[j] = job->cell == CHARLM_RNN_RELU ? (gate[j] > 0 ? gate[j] : 0)     \
+                                                : TANH(gate[j]);                  \
+    }                                                                             \
+}                                                                                 \
+                                                                                  \
+static void charlm_one_stream_free_##SUFFIX(charlm_one_stream_##SUFFIX* job)     \
+{                                                                                 \
+    for (int m = 0; m < CHARLM_TEAM_MAX; m++) {                                   \
+        free(job->share[m].rows);                                                 \
+        free(job->share[m].laid_out);                                             \
+    }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* Units [0, H) split in `members` shares, whole cache lines of h each. */       \
+static int charlm_one_stream_shares_##SUFFIX(charlm_one_stream_##SUFFIX* job,    \
+                                             int members)                         \
+{                                                                                 \
+    const int line = 64 / (int)sizeof(REAL), H = job->H, blocks = job->blocks;    \
+    for (int m = 0; m < members; m++) {                                           \
+        charlm_share_##SUFFIX* s = &job->share[m];                                \
+        int end = m + 1 == members ? H : (int)((long)H * (m + 1) / members / line * line);\
+        s->u0 = m == 0 ? 0 : job->share[m - 1].u0 + job->share[m - 1].n;          \
+        s->n = end - s->u0;                                                       \
+        if (s->n < 1)                                                             \
+            return -1;                                                            \
+        size_t width = (size_t)blocks * s->n;                                     \
+        s->rows = (int*)malloc(width * sizeof(int));                              \
+        /* laid_out, pre, hh, peep in one block */                                \
+        s->laid_out = (REAL*)malloc((H * width + width + 6 * (size_t)s->n)        \
+                                    * sizeof(REAL));                              \
+        if (s->rows == NULL || s->laid_out == NULL)                               \
+            return -1;                                                            \
+        s->pre = s->laid_out + H * width;                                         \
+        s->hh = s->pre + width;                                                   \
+        s->peep = NULL;                                                           \
+        for (int q = 0; q < blocks; q++)                                          \
+            for (int j = 0; j < s->n; j++)                                        \
+                s->rows[q * s->n + j] = q * H + s->u0 + j;                        \
+        if (job->peep != NULL) {                                                  \
+            s->peep = s->hh + 3 * (size_t)s->n;                                   \
+            charlm_gather_##SUFFIX(s->peep, job->peep + s->u0, 3, s->n, H);       \
+        }                                                                         \
+    }                                                                             \
+    return 0;                                                                     \
+}                                                                                 \
+                                                                                  \
+/* Run a single stream's recurrence over T steps on `members` threads; the      \
+ * arrays as the single-thread kernels take them with B = 1 (unused ones NULL). \
+ * Returns 0, or -1 when out of memory or H too small to share (nothing is      \
+ * written then: the caller runs it the usual way). */                           \
+static int charlm_one_stream_forward_##SUFFIX(                                   \
+    int cell, int members, int T, int H, REAL* gates, const REAL* W_hh,          \
+    REAL* h, REAL* c, REAL* tanh_c, const REAL* peep, const REAL* b_hh,          \
+    REAL* hn)                                                                     \
+{                                                                                 \
+    charlm_one_stream_##SUFFIX job;                                               \
+    memset(&job, 0, sizeof job);                                                  \
+    job.cell = cell;                                                              \
+    job.H = H;                                                                    \
+    job.blocks = cell == CHARLM_LSTM ? 4 : cell == CHARLM_GRU ? 3 : 1;            \
+    job.W_hh = W_hh;                                                              \
+    job.gates = gates;                                                            \
+    job.h = h;                                                                    \
+    job.c = c;                                                                    \
+    job.tanh_c = tanh_c;                                                          \
+    job.peep = peep;                                                              \
+    job.b_hh = b_hh;                                                              \
+    job.hn = hn;                                                                  \
+    if (members < 1 || members > CHARLM_TEAM_MAX                                  \
+            || charlm_one_stream_shares_##SUFFIX(&job, members) != 0) {           \
+        charlm_one_stream_free_##SUFFIX(&job);                                    \
+        return -1;                                                                \
+    }                                                                             \
+    charlm_team_run(members, T, charlm_one_stream_task_##SUFFIX, &job);           \
+    charlm_one_stream_free_##SUFFIX(&job);                                        \
+    return 0;                                                                     \
+}
+
+CHARLM_DEFINE_ONE_STREAM(f, float, charlm_tanhf)
+CHARLM_DEFINE_ONE_STREAM(d, double, tanh)
+
+#endif
