@@ -22,10 +22,14 @@
  * Every output is summed in the same order as by charlm_gemv on one thread,
  * so the result does not depend on the number of members, to the last bit.
  *
- * The barrier spins (a step lasts microseconds, less than putting a thread
- * to sleep and waking it), then yields the core once it has waited long, so
- * that a member whose thread was descheduled gets it back. If a thread
- * cannot be started, the calling thread plays every member in turn.
+ * The wait at the end of a step spins (a step lasts microseconds, less than
+ * putting a thread to sleep and waking it), then yields the core once it
+ * has waited long. On a busy machine a member's thread may be descheduled
+ * for milliseconds; a barrier that waited for it at every step ran 5-15x
+ * slower than one thread with two other processes busy (2 cores). So the
+ * shares are claimed, not assigned: a member late to a step finds its share
+ * done by another and catches up (charlm_team_play). If a thread cannot be
+ * started, the others take its share the same way.
  */
 #ifndef CHARLM_TEAM_H
 #define CHARLM_TEAM_H
@@ -56,27 +60,22 @@
 #define CHARLM_TEAM_MAX 4
 #define CHARLM_TEAM_SPINS 20000       /* ~0.1-1 ms of pauses, then yield */
 
-/* A member's work at step t (0 <= t < steps); t = -1: its preparation. */
-typedef void (*charlm_team_task)(void* job, int member, int t);
+/* The work of one share at step t (0 <= t < steps); t = -1: its preparation. */
+typedef void (*charlm_team_task)(void* job, int share, int t);
 
-/* Steps a member has finished, alone on its cache line. */
+/* A share's progress, alone on its cache line: passes started and finished
+ * (pass 0 prepares, pass u >= 1 is step u - 1). */
 typedef struct {
-    int finished;
-    char pad[64 - sizeof(int)];
-} __attribute__((aligned(64))) charlm_team_counter;
+    int claimed, done;
+    char pad[64 - 2 * sizeof(int)];
+} __attribute__((aligned(64))) charlm_team_share;
 
 typedef struct {
-    charlm_team_counter counter[CHARLM_TEAM_MAX];
-    int members, steps;
+    charlm_team_share share[CHARLM_TEAM_MAX];
+    int shares, steps;
     charlm_team_task task;
     void* job;
-    int go;                  /* 0: wait; 1: play; -1: abandoned */
 } charlm_team;
-
-typedef struct {
-    charlm_team* team;
-    int member;
-} charlm_team_seat;
 
 static inline void charlm_team_spin(long* spins)
 {
@@ -88,80 +87,96 @@ static inline void charlm_team_spin(long* spins)
 #endif
 }
 
-/* Wait until every member has finished `steps` steps. */
-static inline void charlm_team_wait(charlm_team* team, int steps)
+/* The first pass some share has not finished: passes before it are complete. */
+static inline int charlm_team_front(charlm_team* team)
 {
-    for (int m = 0; m < team->members; m++) {
-        long spins = 0;
-        while (__atomic_load_n(&team->counter[m].finished, __ATOMIC_ACQUIRE) < steps)
-            charlm_team_spin(&spins);
+    int front = __atomic_load_n(&team->share[0].done, __ATOMIC_ACQUIRE);
+    for (int s = 1; s < team->shares; s++) {
+        int done = __atomic_load_n(&team->share[s].done, __ATOMIC_ACQUIRE);
+        front = done < front ? done : front;
     }
+    return front;
 }
 
+/* A member's loop. At each pass it runs its own share, then any share no one
+ * has started (its member is late: descheduled, on a busy machine), then
+ * waits until every share has finished the pass. A share is claimed by
+ * compare-and-swap, so exactly one member runs it; in the steady state each
+ * member runs its own and keeps its weights in its own core's cache, and
+ * when a member's thread is held up the others do its work, so the team
+ * runs at worst about as fast as one thread, never waits on the scheduler
+ * at every step. A member that comes back late skips to the front. */
 static void charlm_team_play(charlm_team* team, int member)
 {
-    team->task(team->job, member, -1);
-    for (int t = 0; t < team->steps; t++) {
-        team->task(team->job, member, t);
-        /* release: this member's writes of step t are seen by whoever sees the count */
-        __atomic_store_n(&team->counter[member].finished, t + 1, __ATOMIC_RELEASE);
-        charlm_team_wait(team, t + 1);
+    const int passes = team->steps + 1;
+    int u = 0;
+    while (u < passes) {
+        const int front = charlm_team_front(team);
+        if (front > u) {
+            u = front;
+            continue;
+        }
+        for (int k = 0; k < team->shares; k++) {
+            const int s = (member + k) % team->shares;
+            int expected = u;
+            /* a load first: the usual answer, taken, costs no write to its line */
+            if (__atomic_load_n(&team->share[s].claimed, __ATOMIC_RELAXED) == u
+                && __atomic_compare_exchange_n(&team->share[s].claimed, &expected, u + 1, 0,
+                                               __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+                team->task(team->job, s, u - 1);
+                /* release: the share's writes are seen by whoever sees the count */
+                __atomic_store_n(&team->share[s].done, u + 1, __ATOMIC_RELEASE);
+            }
+        }
+        long spins = 0;
+        while (charlm_team_front(team) < u + 1)
+            charlm_team_spin(&spins);
+        u++;
     }
-}
-
-/* Every member in turn, on the calling thread: the same work, in an order
- * the barrier allows (all of step t before any of step t+1). */
-static void charlm_team_play_alone(charlm_team* team)
-{
-    for (int m = 0; m < team->members; m++)
-        team->task(team->job, m, -1);
-    for (int t = 0; t < team->steps; t++)
-        for (int m = 0; m < team->members; m++)
-            team->task(team->job, m, t);
 }
 
 #if CHARLM_HAS_THREADS
+typedef struct {
+    charlm_team* team;
+    int member;
+} charlm_team_seat;
+
 static void* charlm_team_thread(void* arg)
 {
     charlm_team_seat* seat = (charlm_team_seat*)arg;
-    long spins = 0;
-    int go;
-    while ((go = __atomic_load_n(&seat->team->go, __ATOMIC_ACQUIRE)) == 0)
-        charlm_team_spin(&spins);
-    if (go > 0)
-        charlm_team_play(seat->team, seat->member);
+    charlm_team_play(seat->team, seat->member);
     return NULL;
 }
 #endif
 
-/* Run `steps` steps of `task` on `members` threads (the caller is member 0). */
-static void charlm_team_run(int members, int steps, charlm_team_task task, void* job)
+/* Run `steps` steps of `task` over `shares` shares, on as many threads (the
+ * caller is one of them). A thread that cannot be started is no matter: the
+ * others take its share. */
+static void charlm_team_run(int shares, int steps, charlm_team_task task, void* job)
 {
     charlm_team team;
-    int started = 0;
     memset(&team, 0, sizeof team);
-    team.members = members;
+    team.shares = shares;
     team.steps = steps;
     team.task = task;
     team.job = job;
 #if CHARLM_HAS_THREADS
     pthread_t threads[CHARLM_TEAM_MAX];
     charlm_team_seat seats[CHARLM_TEAM_MAX];
-    for (int m = 1; m < members; m++) {
-        seats[m].team = &team;
-        seats[m].member = m;
-        if (pthread_create(&threads[m], NULL, charlm_team_thread, &seats[m]) != 0)
+    int started = 0;
+    for (int m = 1; m < shares; m++) {
+        seats[started].team = &team;
+        seats[started].member = m;
+        if (pthread_create(&threads[started], NULL, charlm_team_thread, &seats[started]) != 0)
             break;
         started++;
     }
-    __atomic_store_n(&team.go, started == members - 1 ? 1 : -1, __ATOMIC_RELEASE);
-    if (started == members - 1)
-        charlm_team_play(&team, 0);
-    for (int m = 1; m <= started; m++)
-        pthread_join(threads[m], NULL);
+    charlm_team_play(&team, 0);
+    for (int k = 0; k < started; k++)
+        pthread_join(threads[k], NULL);
+#else
+    charlm_team_play(&team, 0);
 #endif
-    if (started < members - 1)
-        charlm_team_play_alone(&team);
 }
 
 
@@ -208,10 +223,10 @@ static inline void charlm_scatter_##SUFFIX(REAL* dst, const REAL* src,          
         memcpy(dst + (size_t)q * H, src + (size_t)q * n, n * sizeof(REAL));       \
 }                                                                                 \
                                                                                   \
-static void charlm_one_stream_task_##SUFFIX(void* arg, int member, int t)        \
+static void charlm_one_stream_task_##SUFFIX(void* arg, int share, int t)         \
 {                                                                                 \
     charlm_one_stream_##SUFFIX* job = (charlm_one_stream_##SUFFIX*)arg;          \
-    charlm_share_##SUFFIX* s = &job->share[member];                               \
+    charlm_share_##SUFFIX* s = &job->share[share];                                \
     const int H = job->H, n = s->n, u0 = s->u0, width = job->blocks * n;          \
     if (t < 0) {                                                                  \
         charlm_gemv_layout_rows_##SUFFIX(H, width, job->W_hh, H, s->rows,         \
