@@ -227,6 +227,11 @@ def set_blas_on_one_thread(bint one_thread):
     return previous
 
 
+def blas_runs_on_one_thread():
+    """The setting above."""
+    return blas_on_one_thread
+
+
 cdef inline bint own_kernel_takes(size_t nbytes, size_t limit) noexcept nogil:
     """Whether an operand of nbytes goes to the own kernel under a size limit
     that stands only while BLAS has threads to spare (see above)."""
@@ -1600,6 +1605,308 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
         free(logits)
         free(weight)
         free(ranked)
+
+
+# ---------------------------------------------------------------------------
+# One stream sampled by a team of threads
+# ---------------------------------------------------------------------------
+#
+# At batch 1 a character is one matrix-vector product per weight matrix, all
+# bound by reading the weights (a 2x128 GRU reads 620 KB per character, from
+# one core's L2). As in single-stream evaluation (_team.h), each thread of a
+# team owns a share of every layer's units with their gates: its rows of
+# W_ih and W_hh, laid out for the own GEMV, its columns of the first layer's
+# input rows and its slice of the biases, held in its own core's cache. A
+# character takes L + 1 passes of the team (_team.h's claimed shares, with a
+# wait at the end of each pass): one per layer, every share updating its
+# units, then the output layer and the draw, done by one thread. The state is
+# double-buffered (character s reads buffer s % 2 and writes the other), as a
+# share must not overwrite units another is still reading. Every output is
+# summed in the same order as sample_steps's (the own GEMV, k in order), so
+# the ids are the same, to the last bit, as long as sample_steps multiplies
+# by its own GEMV too (matrices up to OWN_GEMV_MAX_BYTES).
+
+cdef extern from "_team.h":
+    ctypedef void (*charlm_team_task)(void* job, int share, int t) noexcept nogil
+    void charlm_team_run(int shares, int steps, charlm_team_task task,
+                         void* job) noexcept nogil
+    void charlm_publish(int* flag, int value) noexcept nogil
+    void charlm_await(int* flag, int value) noexcept nogil
+
+
+cdef enum:
+    SAMPLER_TEAM_MAX = 4       # CHARLM_TEAM_MAX
+
+
+cdef struct SamplerShare:
+    int u0, n                  # units [u0, u0 + n)
+    const void* W_ihT          # (V, width): the first layer's input rows, its columns
+    const void** W_ih          # L - 1 of (H, width), laid out for gemv
+    const void** W_hh          # L of (H, width), laid out for gemv
+    const void** bias          # L of (width,)
+    const void** b_hh          # L of (width,) (the GRU's)
+    const void** peep          # L of (3, n), or NULL
+    void* gates                # (width,) scratch
+    void* hh                   # (width,) scratch
+
+
+cdef struct TeamSampling:
+    int cell, L, H, V, blocks, shares, steps
+    void* h                    # (2, L, H): the state, double-buffered
+    void* c                    # (L, H), the LSTM's cell state (unit by unit: in place)
+    const void* W_out          # as sampler_layout gives it for one stream
+    const void* b_out
+    void* logits               # (V,)
+    int first_id               # fed at step 0
+    int drawn                  # characters drawn so far (published by share 0)
+    int* ids                   # (steps,) written
+    const double* uniforms     # (steps,)
+    double* probs              # (steps, V) or NULL
+    double temperature, top_p
+    int top_k
+    bint argmax
+    double* weight             # (V,) scratch
+    Ranked* ranked             # (V,) scratch
+    SamplerShare share[SAMPLER_TEAM_MAX]
+
+
+cdef void _team_layer(real* tag, TeamSampling* job, int share, int s, int layer) noexcept nogil:
+    """Layer `layer` of character s, for one share's units."""
+    cdef SamplerShare* sh = &job.share[share]
+    cdef int L = job.L, H = job.H, n = sh.n, u0 = sh.u0, width = job.blocks * sh.n, j
+    cdef real* h_old = <real*>job.h + (<size_t>(s & 1) * L + layer) * H
+    cdef real* h_new = <real*>job.h + (<size_t>((s + 1) & 1) * L + layer) * H
+    cdef real* gates = <real*>sh.gates
+    cdef real* hh = <real*>sh.hh
+    cdef const real* row
+    cdef const real* bias = <const real*>sh.bias[layer]
+    cdef int feed
+    if job.cell == CELL_GRU:
+        # hh = W_hh h + b_hh: first, as it does not wait for the id
+        memcpy(hh, sh.b_hh[layer], width * sizeof(real))
+        gemv(H, width, h_old, <const real*>sh.W_hh[layer], hh)
+    if layer == 0:
+        # gates = W_ihT[id] + bias, a row gather, once share 0 has drawn the id
+        if s > 0:
+            charlm_await(&job.drawn, s)
+        feed = job.first_id if s == 0 else job.ids[s - 1]
+        row = <const real*>sh.W_ihT + <size_t>feed * width
+        for j in range(width):
+            gates[j] = row[j] + bias[j]
+    else:
+        # gates = bias + W_ih h_below, h_below this character's (written the pass before)
+        memcpy(gates, bias, width * sizeof(real))
+        gemv(H, width, h_new - H, <const real*>sh.W_ih[layer - 1], gates)
+    if job.cell == CELL_GRU:
+        gru_units(n, gates, hh, h_old + u0, h_new + u0)
+        return
+    # gates += W_hh h
+    gemv(H, width, h_old, <const real*>sh.W_hh[layer], gates)
+    if job.cell == CELL_LSTM or job.cell == CELL_LSTM_PEEPHOLE:
+        lstm_units(n, gates, <real*>job.c + <size_t>layer * H + u0,
+                   <real*>job.c + <size_t>layer * H + u0, hh, h_new + u0,
+                   <const real*>sh.peep[layer] if sh.peep != NULL else NULL)
+    elif job.cell == CELL_RNN_RELU:
+        for j in range(n):
+            h_new[u0 + j] = gates[j] if gates[j] > 0 else 0
+    else:
+        for j in range(n):
+            h_new[u0 + j] = tanh_(gates[j])
+
+
+cdef void _team_draw(real* tag, TeamSampling* job, int s) noexcept nogil:
+    """The output layer and the draw of character s."""
+    cdef int L = job.L, H = job.H, V = job.V
+    cdef const real* h_top = <real*>job.h + (<size_t>((s + 1) & 1) * L + L - 1) * H
+    cdef real* logits = <real*>job.logits
+    memcpy(logits, job.b_out, V * sizeof(real))
+    # logits = h_top @ W_out.T + b_out       (V,) += (H,) @ (H,V)
+    times_weight(1, V, H, h_top, <const real*>job.W_out, logits)
+    job.ids[s] = _pick(logits, V, job.temperature, job.top_k, job.top_p, job.argmax,
+                       job.uniforms[s], job.weight, job.ranked,
+                       job.probs + <size_t>s * V if job.probs != NULL else NULL)
+    charlm_publish(&job.drawn, s + 1)
+
+
+cdef inline void _team_sample_task(real* tag, void* arg, int share, int t) noexcept nogil:
+    """Pass t: layer t % L of character t // L; the last pass draws the last
+    character. Share 0 draws character s - 1 at the start of character s's
+    first layer: the other shares wait for the id there (the GRU's after its
+    W_hh h, which does not need it), not for a pass of their own."""
+    cdef TeamSampling* job = <TeamSampling*>arg
+    cdef int L = job.L, s, p
+    if t < 0:                   # nothing to prepare: the shares come laid out
+        return
+    s = t // L
+    p = t - s * L
+    if share == 0 and p == 0 and s > 0:
+        _team_draw(tag, job, s - 1)
+    if s < job.steps:
+        _team_layer(tag, job, share, s, p)
+
+
+cdef void _team_sample_task_f(void* job, int share, int t) noexcept nogil:
+    _team_sample_task(<float*>NULL, job, share, t)
+
+
+cdef void _team_sample_task_d(void* job, int share, int t) noexcept nogil:
+    _team_sample_task(<double*>NULL, job, share, t)
+
+
+def unit_shares(int H, int threads, int itemsize):
+    """How a team of `threads` splits H units: (u0, n) per share, each but the
+    last a whole number of cache lines of the state; [] if some would be empty."""
+    cdef int line = 64 // itemsize, m, end, start = 0
+    shares = []
+    for m in range(threads):
+        end = H if m + 1 == threads else H * (m + 1) // threads // line * line
+        if end <= start:
+            return []
+        shares.append((start, end - start))
+        start = end
+    return shares
+
+
+def gemv_layout_of(const real[:, ::1] W):
+    """W (N outputs, K inputs) as the own GEMV reads it: W.T laid out in
+    strips, a (K, N) array."""
+    cdef int N = W.shape[0], K = W.shape[1]
+    out = np.empty((K, N), np.float32 if real is float else np.float64)
+    cdef real[:, ::1] laid_out = out
+    with nogil:
+        gemv_layout(K, N, &W[0, 0], &laid_out[0, 0])
+    return out
+
+
+cdef const real* _checked(object array, int rows, int cols, str what, list keep,
+                         const real* tag) except? NULL:
+    """The data of a contiguous (rows, cols) array (cols 0: (rows,)), checked;
+    its buffer is held in `keep`. tag only selects the specialisation."""
+    cdef const real[:, ::1] matrix
+    cdef const real[::1] vector
+    if cols:
+        matrix = array
+        _require(matrix.shape[0] == rows and matrix.shape[1] == cols,
+                 f"sample_steps_team: {what} must be ({rows}, {cols})")
+        keep.append(matrix)
+        return &matrix[0, 0]
+    vector = array
+    _require(vector.shape[0] == rows, f"sample_steps_team: {what} must be ({rows},)")
+    keep.append(vector)
+    return &vector[0]
+
+
+cdef void _share_pointers(SamplerShare* sh, tuple parts, int start, int L, int blocks,
+                          int V, int H, bint peephole, list keep,
+                          const real* tag) except *:
+    """Fill sh from one share's parts (u0, n, W_ihT, W_ih, W_hh, bias, b_hh,
+    peep; see FusedSampler), checked; start: where the previous share ended.
+    Allocates sh.W_ih (all the pointer tables) and the scratch, which the
+    caller frees."""
+    cdef int n, width, k
+    _require(len(parts) == 8, "sample_steps_team: a share has 8 parts")
+    u0, n, W_ihT, W_ih, W_hh, bias, b_hh, peep = parts
+    _require(u0 == start and n >= 1 and u0 + n <= H,
+             "sample_steps_team: the shares must cover the units in order")
+    _require(len(W_ih) == L - 1 and len(W_hh) == L and len(bias) == L and len(b_hh) == L
+             and (not peephole or len(peep) == L), "sample_steps_team: one array per layer")
+    width = blocks * n
+    sh.u0, sh.n = u0, n
+    sh.W_ih = <const void**>malloc(5 * L * sizeof(void*))
+    sh.gates = malloc(2 * <size_t>width * sizeof(real))
+    if sh.W_ih == NULL or sh.gates == NULL:
+        raise MemoryError()
+    sh.hh = <real*>sh.gates + width
+    sh.W_hh, sh.bias, sh.b_hh = sh.W_ih + L, sh.W_ih + 2 * L, sh.W_ih + 3 * L
+    sh.peep = sh.W_ih + 4 * L if peephole else NULL
+    sh.W_ihT = _checked(W_ihT, V, width, "W_ihT", keep, tag)
+    for k in range(L):
+        if k > 0:
+            sh.W_ih[k - 1] = _checked(W_ih[k - 1], H, width, "W_ih", keep, tag)
+        sh.W_hh[k] = _checked(W_hh[k], H, width, "W_hh", keep, tag)
+        sh.bias[k] = _checked(bias[k], width, 0, "bias", keep, tag)
+        sh.b_hh[k] = _checked(b_hh[k], width, 0, "b_hh", keep, tag)
+        if peephole:
+            sh.peep[k] = _checked(peep[k], 3, n, "peep", keep, tag)
+
+
+def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
+                      const real[::1] b_out, real[:, :, ::1] h, real[:, :, ::1] c,
+                      const int[::1] prev_ids, const double[:, ::1] uniforms,
+                      int[:, ::1] ids, double temperature=1.0, int top_k=0,
+                      double top_p=1.0, bint argmax=False, double[:, :, ::1] probs=None):
+    """sample_steps for one stream on a team of len(shares) threads (see above).
+
+    shares: per thread, (u0, n, W_ihT, W_ih, W_hh, bias, b_hh, peep): its
+    units [u0, u0 + n) and, for its width = gates-per-unit * n gate rows
+    (each gate block's rows of those units, block by block), the first
+    layer's input rows (V, width), the upper layers' W_ih and every layer's
+    W_hh rows laid out by gemv_layout_of ((H, width) each), the biases'
+    slices (width,) and, for "lstm-peephole", the peephole weights (3, n).
+    The rest as for sample_steps, with B = 1.
+    """
+    cdef int L = h.shape[0], H = h.shape[2], V = b_out.shape[0]
+    cdef int steps = ids.shape[0], code, per_unit, S = len(shares), k, start = 0
+    cdef bint lstm
+    cdef TeamSampling job
+    cdef list keep = []
+    cdef real* state = NULL
+    _require(cell in _SAMPLING_CELLS, f"sample_steps_team: unknown cell {cell!r}")
+    code, per_unit = _SAMPLING_CELLS[cell]
+    lstm = code == CELL_LSTM or code == CELL_LSTM_PEEPHOLE
+    _require(1 <= S <= SAMPLER_TEAM_MAX, f"sample_steps_team: 1 to {SAMPLER_TEAM_MAX} shares")
+    _require(L >= 1 and h.shape[1] == 1 and H >= 1 and V >= 1,
+             "sample_steps_team: h must be (L, 1, H)")
+    out_shape = _sampler_layout(V, H, sizeof(real))
+    _require(_shape(W_out, 2) == out_shape, f"sample_steps_team: W_out must be {out_shape}")
+    _require(not lstm or _shape(c, 3) == (L, 1, H), "sample_steps_team: c must be (L, 1, H)")
+    _require(prev_ids.shape[0] == 1 and 0 <= prev_ids[0] < V,
+             "sample_steps_team: prev_ids must be one id in range")
+    _require(_shape(uniforms, 2) == (steps, 1) and ids.shape[1] == 1,
+             "sample_steps_team: uniforms and ids must be (steps, 1)")
+    _require(probs is None or _shape(probs, 3) == (steps, 1, V),
+             "sample_steps_team: probs must be (steps, 1, V)")
+    _require(isfinite(temperature) and temperature > 0,
+             "sample_steps_team: temperature must be > 0")
+    _require(top_k >= 0 and 0 < top_p <= 1,
+             "sample_steps_team: top_k must be >= 0, top_p in (0, 1]")
+    if steps == 0:
+        return
+    memset(&job, 0, sizeof(job))
+    job.cell, job.L, job.H, job.V, job.blocks, job.shares = code, L, H, V, per_unit, S
+    job.steps = steps
+    try:
+        for k in range(S):
+            _share_pointers(&job.share[k], shares[k], start, L, per_unit, V, H,
+                            code == CELL_LSTM_PEEPHOLE, keep, &W_out[0, 0])
+            start += job.share[k].n
+        _require(start == H, "sample_steps_team: the shares must cover the units")
+        state = <real*>malloc((2 * <size_t>L * H + V) * sizeof(real))
+        job.weight = <double*>malloc(<size_t>V * sizeof(double))
+        job.ranked = <Ranked*>malloc(<size_t>V * sizeof(Ranked))
+        if not (state and job.weight and job.ranked):
+            raise MemoryError()
+        memcpy(state, &h[0, 0, 0], <size_t>L * H * sizeof(real))
+        job.h, job.logits = state, state + 2 * <size_t>L * H
+        job.c = &c[0, 0, 0] if lstm else NULL
+        job.W_out, job.b_out = &W_out[0, 0], &b_out[0]
+        job.first_id, job.ids, job.uniforms = prev_ids[0], &ids[0, 0], &uniforms[0, 0]
+        job.probs = &probs[0, 0, 0] if probs is not None else NULL
+        job.temperature, job.top_p, job.top_k, job.argmax = temperature, top_p, top_k, argmax
+        with nogil:
+            charlm_team_run(S, steps * L + 1,
+                            _team_sample_task_f if real is float else _team_sample_task_d,
+                            &job)
+            # the state after the last character is in buffer steps % 2
+            memcpy(&h[0, 0, 0], state + (<size_t>(steps & 1)) * L * H,
+                   <size_t>L * H * sizeof(real))
+    finally:
+        for k in range(S):
+            free(job.share[k].W_ih)
+            free(job.share[k].gates)
+        free(state)
+        free(job.weight)
+        free(job.ranked)
 
 
 # ===========================================================================

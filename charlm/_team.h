@@ -59,6 +59,7 @@
 
 #define CHARLM_TEAM_MAX 4
 #define CHARLM_TEAM_SPINS 20000       /* ~0.1-1 ms of pauses, then yield */
+#define CHARLM_TEAM_PATIENCE 256      /* pauses (~5 us) before taking a late share */
 
 /* The work of one share at step t (0 <= t < steps); t = -1: its preparation. */
 typedef void (*charlm_team_task)(void* job, int share, int t);
@@ -98,14 +99,30 @@ static inline int charlm_team_front(charlm_team* team)
     return front;
 }
 
-/* A member's loop. At each pass it runs its own share, then any share no one
- * has started (its member is late: descheduled, on a busy machine), then
- * waits until every share has finished the pass. A share is claimed by
- * compare-and-swap, so exactly one member runs it; in the steady state each
- * member runs its own and keeps its weights in its own core's cache, and
- * when a member's thread is held up the others do its work, so the team
- * runs at worst about as fast as one thread, never waits on the scheduler
- * at every step. A member that comes back late skips to the front. */
+/* Run share s's pass u unless someone has started it; a load first, so that
+ * the usual answer (taken) costs no write to the share's line. */
+static inline void charlm_team_try(charlm_team* team, int s, int u)
+{
+    int expected = u;
+    if (__atomic_load_n(&team->share[s].claimed, __ATOMIC_RELAXED) == u
+        && __atomic_compare_exchange_n(&team->share[s].claimed, &expected, u + 1, 0,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+        team->task(team->job, s, u - 1);
+        /* release: the share's writes are seen by whoever sees the count */
+        __atomic_store_n(&team->share[s].done, u + 1, __ATOMIC_RELEASE);
+    }
+}
+
+/* A member's loop. At each pass it runs its own share, then waits until
+ * every share has finished the pass; if that takes long (the other member
+ * is late: descheduled, on a busy machine), it runs any share no one has
+ * started. A share is claimed by compare-and-swap, so exactly one member
+ * runs it; in the steady state each member runs its own and keeps its
+ * weights in its own core's cache, and touches the others' lines only to
+ * see them finish. When a member's thread is held up the others do its
+ * work, so the team runs at worst about as fast as one thread, and never
+ * waits for the scheduler at every step. A member that comes back late
+ * skips to the front. */
 static void charlm_team_play(charlm_team* team, int member)
 {
     const int passes = team->steps + 1;
@@ -116,42 +133,107 @@ static void charlm_team_play(charlm_team* team, int member)
             u = front;
             continue;
         }
-        for (int k = 0; k < team->shares; k++) {
-            const int s = (member + k) % team->shares;
-            int expected = u;
-            /* a load first: the usual answer, taken, costs no write to its line */
-            if (__atomic_load_n(&team->share[s].claimed, __ATOMIC_RELAXED) == u
-                && __atomic_compare_exchange_n(&team->share[s].claimed, &expected, u + 1, 0,
-                                               __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
-                team->task(team->job, s, u - 1);
-                /* release: the share's writes are seen by whoever sees the count */
-                __atomic_store_n(&team->share[s].done, u + 1, __ATOMIC_RELEASE);
-            }
-        }
+        charlm_team_try(team, member, u);
         long spins = 0;
-        while (charlm_team_front(team) < u + 1)
+        while (charlm_team_front(team) < u + 1) {
+            if (spins % CHARLM_TEAM_PATIENCE == CHARLM_TEAM_PATIENCE - 1)
+                for (int s = 0; s < team->shares; s++)
+                    charlm_team_try(team, s, u);
             charlm_team_spin(&spins);
+        }
         u++;
     }
 }
 
-#if CHARLM_HAS_THREADS
-typedef struct {
-    charlm_team* team;
-    int member;
-} charlm_team_seat;
-
-static void* charlm_team_thread(void* arg)
+/* A value one thread publishes and others wait for (the sampler's drawn id). */
+static inline void charlm_publish(int* flag, int value)
 {
-    charlm_team_seat* seat = (charlm_team_seat*)arg;
-    charlm_team_play(seat->team, seat->member);
+    __atomic_store_n(flag, value, __ATOMIC_RELEASE);
+}
+
+static inline void charlm_await(int* flag, int value)
+{
+    long spins = 0;
+    while (__atomic_load_n(flag, __ATOMIC_ACQUIRE) < value)
+        charlm_team_spin(&spins);
+}
+
+/* The helpers: threads started once, on first use, and parked between teams
+ * on a condition variable. A thread started for each team cost 1-2 ms per
+ * team on these machines (a new thread waits to be moved off the busy
+ * core of its creator), against 5 us of work per character when sampling. */
+#if CHARLM_HAS_THREADS
+#include <signal.h>
+#include <stdint.h>
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    int started;               /* helper threads running: members 1..started */
+    int busy;                  /* a team has the helpers */
+    unsigned long generation;  /* one per team */
+    charlm_team* team;         /* the current one */
+    int playing;               /* helpers not done with it yet */
+    int fork_handler;
+} charlm_helpers = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, 0, 0};
+
+static void* charlm_helper(void* arg)
+{
+    const int member = (int)(intptr_t)arg;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&charlm_helpers.lock);
+    for (;;) {
+        while (charlm_helpers.generation == seen)
+            pthread_cond_wait(&charlm_helpers.wake, &charlm_helpers.lock);
+        seen = charlm_helpers.generation;
+        charlm_team* team = charlm_helpers.team;
+        pthread_mutex_unlock(&charlm_helpers.lock);
+        if (member < team->shares)
+            charlm_team_play(team, member);
+        /* release: done with the team, which lives on its caller's stack */
+        __atomic_sub_fetch(&charlm_helpers.playing, 1, __ATOMIC_RELEASE);
+        pthread_mutex_lock(&charlm_helpers.lock);
+    }
     return NULL;
+}
+
+/* In a child process the helpers do not exist: start again from none. */
+static void charlm_helpers_after_fork(void)
+{
+    pthread_mutex_init(&charlm_helpers.lock, NULL);
+    pthread_cond_init(&charlm_helpers.wake, NULL);
+    charlm_helpers.started = 0;
+    charlm_helpers.busy = 0;
+    charlm_helpers.playing = 0;
+}
+
+/* With the lock held: start helpers up to `wanted`; returns how many run.
+ * They start with every signal blocked, so that signals go to the threads
+ * that handle them (Python's main thread). */
+static int charlm_helpers_start(int wanted)
+{
+    sigset_t all, previous;
+    if (!charlm_helpers.fork_handler)
+        charlm_helpers.fork_handler = pthread_atfork(NULL, NULL, charlm_helpers_after_fork) == 0;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    while (charlm_helpers.started < wanted) {
+        pthread_t thread;
+        intptr_t member = charlm_helpers.started + 1;
+        if (pthread_create(&thread, NULL, charlm_helper, (void*)member) != 0)
+            break;
+        pthread_detach(thread);
+        charlm_helpers.started++;
+    }
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    return charlm_helpers.started;
 }
 #endif
 
-/* Run `steps` steps of `task` over `shares` shares, on as many threads (the
- * caller is one of them). A thread that cannot be started is no matter: the
- * others take its share. */
+/* Run `steps` steps of `task` over `shares` shares: the caller and up to
+ * shares - 1 helpers play. Helpers that cannot be started, or that another
+ * team has (two Python threads at once), are no matter: the players take
+ * every share between them. */
 static void charlm_team_run(int shares, int steps, charlm_team_task task, void* job)
 {
     charlm_team team;
@@ -161,19 +243,28 @@ static void charlm_team_run(int shares, int steps, charlm_team_task task, void* 
     team.task = task;
     team.job = job;
 #if CHARLM_HAS_THREADS
-    pthread_t threads[CHARLM_TEAM_MAX];
-    charlm_team_seat seats[CHARLM_TEAM_MAX];
-    int started = 0;
-    for (int m = 1; m < shares; m++) {
-        seats[started].team = &team;
-        seats[started].member = m;
-        if (pthread_create(&threads[started], NULL, charlm_team_thread, &seats[started]) != 0)
-            break;
-        started++;
+    int helpers = 0;
+    if (shares > 1) {
+        pthread_mutex_lock(&charlm_helpers.lock);
+        if (!charlm_helpers.busy && charlm_helpers_start(shares - 1) > 0) {
+            charlm_helpers.busy = 1;
+            helpers = charlm_helpers.started;
+            charlm_helpers.team = &team;
+            __atomic_store_n(&charlm_helpers.playing, helpers, __ATOMIC_RELAXED);
+            charlm_helpers.generation++;
+            pthread_cond_broadcast(&charlm_helpers.wake);
+        }
+        pthread_mutex_unlock(&charlm_helpers.lock);
     }
     charlm_team_play(&team, 0);
-    for (int k = 0; k < started; k++)
-        pthread_join(threads[k], NULL);
+    if (helpers > 0) {
+        long spins = 0;
+        while (__atomic_load_n(&charlm_helpers.playing, __ATOMIC_ACQUIRE) > 0)
+            charlm_team_spin(&spins);
+        pthread_mutex_lock(&charlm_helpers.lock);
+        charlm_helpers.busy = 0;
+        pthread_mutex_unlock(&charlm_helpers.lock);
+    }
 #else
     charlm_team_play(&team, 0);
 #endif

@@ -29,10 +29,14 @@ import numpy as np
 from . import _kernels as K
 from .errors import UsageError
 from .model import State
+from .parallel import usable_cores
 
 # Largest number of characters per kernel call: long enough that the Python
-# between calls costs little, short enough that streaming output flows.
-MAX_BLOCK = 64
+# between calls, and a team's start (waking its helper threads, ~60 us),
+# cost little, short enough that streaming output flows (1,024 characters
+# take a 2x512 LSTM about 0.1 s). With 64, a 2x128 GRU's team sampled at
+# 5.9 us per character, against 3.5 with 1,024.
+MAX_BLOCK = 1024
 
 
 def default_prime_ids(vocab):
@@ -126,6 +130,7 @@ class FusedSampler:
             laid_out("out.weight"), p["out.bias"])
         self._peep = tuple(p[f"weight_peep_l{k}"] for k in range(L)) \
             if config.cell == "lstm-peephole" else ()
+        self._shares = _team_shares(model, _team_threads(config)) if B == 1 else None
         self.h = np.array(state.h, dtype, order="C")
         self.c = (np.array(state.c, dtype, order="C") if self._has_c
                   else np.empty((0, 0, 0), dtype))
@@ -149,10 +154,73 @@ class FusedSampler:
         if uniforms.ndim != 2:
             raise ValueError(f"uniforms must be (steps, batch), got shape {uniforms.shape}")
         ids = np.empty(uniforms.shape, np.int32)
-        K.sample_steps(self.cell, *self._weights, self.h, self.c, prev_ids, uniforms, ids,
-                       float(temperature), top_k or 0, 1.0 if top_p is None else float(top_p),
-                       bool(argmax), probs, self._peep)
+        decoding = (float(temperature), top_k or 0, 1.0 if top_p is None else float(top_p),
+                    bool(argmax), probs)
+        if self._shares:
+            W_out, b_out = self._weights[-2:]
+            K.sample_steps_team(self.cell, self._shares, W_out, b_out, self.h, self.c,
+                                prev_ids, uniforms, ids, *decoding)
+        else:
+            K.sample_steps(self.cell, *self._weights, self.h, self.c, prev_ids, uniforms, ids,
+                           *decoding, self._peep)
         return ids
+
+
+# One stream of a gated model (LSTM, GRU) whose weight matrices (W_hh, and
+# W_ih above the first layer) hold at least TEAM_MIN_WEIGHT_BYTES is sampled
+# by a team of threads, each owning a share of every layer's units (see
+# sample_steps_team in _kernels.pyx). Measured on 2 cores of a Zen 5
+# (2026-12-02, 100,000 characters in one call, 6 alternations, medians,
+# team vs one thread): LSTM 1x128 (256 KB) 0.92; LSTM 1x192 (576 KB) 1.76;
+# GRU 2x128 (576 KB) 1.28-1.36; LSTM 2x128 (768 KB) 1.58; LSTM 3x128 1.98;
+# GRU 2x256 2.12; LSTM 2x256 2.11; GRU 2x384 2.03; LSTM 2x384 1.11; GRU
+# 2x512 0.99; LSTM 2x512 1.10. The plain RNN, with a quarter of the LSTM's
+# work per unit to share against the same wait per layer, gained at 2x512
+# (1.53) but lost at 2x128 (0.67) and 2x256 (0.74-1.01): it keeps one thread.
+TEAM_MIN_WEIGHT_BYTES = 512 << 10
+TEAM_MAX_THREADS = 2                 # measured with 2
+
+
+def _team_threads(config):
+    """Threads to sample one stream of this model with: 1 (no team) for
+    small or ungated models, or when BLAS has been limited to one thread
+    (`--threads 1`, or inside a training run's workers)."""
+    itemsize = np.dtype(config.np_dtype).itemsize
+    weight_bytes = (2 * config.layers - 1) * config.gates * config.hidden * itemsize
+    if (config.cell not in ("lstm", "lstm-peephole", "gru")
+            or weight_bytes < TEAM_MIN_WEIGHT_BYTES or K.blas_runs_on_one_thread()):
+        return 1
+    return min(usable_cores(), TEAM_MAX_THREADS)
+
+
+def _team_shares(model, threads):
+    """The parts of the model each of `threads` threads samples with
+    (K.sample_steps_team), or None for a single thread."""
+    config, p = model.config, model.params
+    H, L = config.hidden, config.layers
+    blocks = config.gates // H
+    shares = K.unit_shares(H, threads, np.dtype(config.np_dtype).itemsize)
+    if threads < 2 or len(shares) < 2:
+        return None
+    W_ihT = p["weight_ih_l0"].T                                # (V, G)
+    peephole = config.cell == "lstm-peephole"
+
+    def rows_of(name, rows):
+        return K.gemv_layout_of(np.ascontiguousarray(p[name][rows]))
+
+    parts = []
+    for u0, n in shares:
+        # this share's rows of every gate block: [i | f | g | o] of its units
+        rows = (np.arange(blocks)[:, None] * H + u0 + np.arange(n)).ravel()
+        parts.append((
+            u0, n, np.ascontiguousarray(W_ihT[:, rows]),
+            tuple(rows_of(f"weight_ih_l{k}", rows) for k in range(1, L)),
+            tuple(rows_of(f"weight_hh_l{k}", rows) for k in range(L)),
+            tuple(np.ascontiguousarray(model.projection_bias(k)[rows]) for k in range(L)),
+            tuple(np.ascontiguousarray(p[f"bias_hh_l{k}"][rows]) for k in range(L)),
+            tuple(np.ascontiguousarray(p[f"weight_peep_l{k}"][:, u0:u0 + n])
+                  for k in range(L)) if peephole else ()))
+    return parts
 
 
 def generate_ids(model, prime_ids, length, rng, temperature=1.0, top_k=None,

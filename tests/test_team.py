@@ -1,4 +1,5 @@
-"""A single stream's recurrence shared by a team of threads (charlm/_team.h).
+"""A single stream shared by a team of threads (charlm/_team.h): the
+recurrences of evaluation, and sampling.
 
 Each member owns a share of the units (and their rows of W_hh), so the
 shares' edges, a narrower last strip of the GEMV and every cell's gather and
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 
 from charlm import _kernels as K
-from charlm import evaluate
+from charlm import evaluate, sampling
 from charlm.model import Config, Model
 from charlm.parallel import blas_threads, one_stream_team
+from charlm.sampling import FusedSampler
 
 STEPS = 260     # over the kernels' minimum for laying W_hh out (256)
 
@@ -114,3 +116,103 @@ def test_scores_do_not_depend_on_the_cores(cell, hidden, monkeypatch):
     assert team_runs == {1: 0, 2: 2 * 2}        # 2 layers x the 2 chunks of 300 steps
     assert figures[1].shape == (699,) and np.isfinite(figures[1]).all()
     np.testing.assert_array_equal(figures[2], figures[1])
+
+
+# ---------------------------------------------------------------------------
+# Sampling one stream on a team (sample_steps_team)
+# ---------------------------------------------------------------------------
+
+def _sampling_model(cell, H, dtype, seed=0):
+    """A model with non-zero biases and peepholes, so every term is exercised."""
+    model = Model(Config(vocab_size=23, cell=cell, hidden=H, layers=2, dtype=dtype), seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    for name, p in model.params.items():
+        if "bias" in name or "peep" in name:
+            p[...] = rng.normal(0, 0.5, p.shape)
+    return model
+
+
+def _sample_in_calls(sampler, calls, decoding, seed=0):
+    """ids and probs over several calls (odd lengths: the team's double-buffered
+    state must come back to the caller right after each)."""
+    rng = np.random.default_rng(seed)
+    prev, ids, probs = np.array([3], np.int32), [], []
+    for steps in calls:
+        p = np.zeros((steps, 1, 23))
+        ids.append(sampler.run(prev, rng.random((steps, 1)), probs=p, **decoding))
+        probs.append(p)
+        prev = ids[-1][-1]
+    return np.concatenate(ids), np.concatenate(probs)
+
+
+SAMPLING_DECODINGS = [dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8),
+                      dict(argmax=True)]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "lstm-peephole", "gru", "rnn", "rnn-relu"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_team_sampler_draws_what_one_thread_draws(cell, dtype, threads):
+    """Same ids, distributions and final state to the last bit (the matrices
+    are small enough for sample_steps's own GEMV: the same sums)."""
+    model = _sampling_model(cell, 64, dtype)
+    for decoding in SAMPLING_DECODINGS:
+        state = model.zero_state(1)
+        state.h[...] = np.random.default_rng(1).normal(0, 0.5, state.h.shape)
+        alone = FusedSampler(model, state)
+        team = FusedSampler(model, state)
+        alone._shares = None
+        team._shares = sampling._team_shares(model, threads)
+        assert len(team._shares) == threads
+        expected = _sample_in_calls(alone, [1, 6, 9], decoding)
+        got = _sample_in_calls(team, [1, 6, 9], decoding)
+        np.testing.assert_array_equal(got[0], expected[0], err_msg=str(decoding))
+        np.testing.assert_array_equal(got[1], expected[1], err_msg=str(decoding))
+        np.testing.assert_array_equal(team.h, alone.h)
+        np.testing.assert_array_equal(team.c, alone.c)
+
+
+def test_team_sampler_follows_the_model_past_the_size_limit():
+    """A GRU whose W_hh sample_steps sends to BLAS: the team's own GEMV sums
+    in another order, so the distributions agree to round-off."""
+    model = _sampling_model("gru", 420, "float64")
+    assert model.params["weight_hh_l0"].nbytes > 512 * 1024
+    alone, team = FusedSampler(model, model.zero_state(1)), FusedSampler(model, model.zero_state(1))
+    alone._shares, team._shares = None, sampling._team_shares(model, 2)
+    expected = _sample_in_calls(alone, [5], dict(argmax=True))
+    got = _sample_in_calls(team, [5], dict(argmax=True))
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(team.h, alone.h, rtol=0, atol=1e-12)
+
+
+def test_which_models_are_sampled_by_a_team(monkeypatch):
+    monkeypatch.setattr(sampling, "usable_cores", lambda: 2)
+    threads = sampling._team_threads
+    assert threads(Config(vocab_size=65, cell="gru", hidden=128, layers=2)) == 2   # 576 KB
+    assert threads(Config(vocab_size=65, cell="lstm", hidden=128, layers=2)) == 2
+    assert threads(Config(vocab_size=65, cell="lstm", hidden=128, layers=1)) == 1  # 256 KB
+    assert threads(Config(vocab_size=65, cell="rnn", hidden=512, layers=2)) == 1   # ungated
+    with blas_threads(1):                                  # the user asked for one thread
+        assert threads(Config(vocab_size=65, cell="gru", hidden=128, layers=2)) == 1
+    monkeypatch.setattr(sampling, "usable_cores", lambda: 1)
+    assert threads(Config(vocab_size=65, cell="gru", hidden=128, layers=2)) == 1
+
+
+def test_team_sampler_checks_its_shares():
+    model = _sampling_model("lstm", 64, "float32")
+    sampler = FusedSampler(model, model.zero_state(1))
+    shares = sampling._team_shares(model, 2)
+    args = (sampler._weights[-2], sampler._weights[-1], sampler.h, sampler.c,
+            np.array([0], np.int32), np.zeros((2, 1)), np.zeros((2, 1), np.int32))
+    swapped = [shares[1], shares[0]]
+    with pytest.raises(ValueError, match="cover the units"):
+        K.sample_steps_team("lstm", swapped, *args)
+    with pytest.raises(ValueError, match="cover the units"):
+        K.sample_steps_team("lstm", shares[:1], *args)
+    narrow = [shares[0][:2] + (shares[0][2][:, :-1].copy(),) + shares[0][3:], shares[1]]
+    with pytest.raises(ValueError, match="W_ihT must be"):
+        K.sample_steps_team("lstm", narrow, *args)
+    with pytest.raises(ValueError, match="1 to 4 shares"):
+        K.sample_steps_team("lstm", shares * 3, *args)
+    with pytest.raises(ValueError, match="prev_ids"):
+        K.sample_steps_team("lstm", shares, *args[:4], np.array([99], np.int32), *args[5:])
