@@ -433,6 +433,12 @@ def team_runs():
     return one_stream_team_runs
 
 
+def team_solos():
+    """How many teams found the machine oversubscribed and finished on one
+    thread (see _team.h)."""
+    return charlm_team_solos
+
+
 cdef bint one_stream_on_team(int cell, int T, int B, int H, int G, real* gates,
                              const real* W_hh, real* h, real* c, real* tanh_c,
                              const real* peep, const real* b_hh,
@@ -1630,6 +1636,7 @@ cdef extern from "_team.h":
     ctypedef void (*charlm_team_task)(void* job, int share, int t) noexcept nogil
     void charlm_team_run(int shares, int steps, charlm_team_task task,
                          void* job) noexcept nogil
+    long charlm_team_solos
     void charlm_publish(int* flag, int value) noexcept nogil
     void charlm_await(int* flag, int value) noexcept nogil
 

@@ -1,4 +1,5 @@
-/* One stream's recurrence shared by a team of threads, step by step.
+/* One stream's recurrence shared by a team of threads, step by step (the
+ * sampler's team, in _kernels.pyx, runs on the same machinery).
  *
  * Scoring a text is a single stream (batch 1): each step multiplies h_{t-1}
  * by W_hh, one matrix-vector product, and the next step needs all of its
@@ -25,11 +26,22 @@
  * The wait at the end of a step spins (a step lasts microseconds, less than
  * putting a thread to sleep and waking it), then yields the core once it
  * has waited long. On a busy machine a member's thread may be descheduled
- * for milliseconds; a barrier that waited for it at every step ran 5-15x
- * slower than one thread with two other processes busy (2 cores). So the
- * shares are claimed, not assigned: a member late to a step finds its share
- * done by another and catches up (charlm_team_play). If a thread cannot be
- * started, the others take its share the same way.
+ * for milliseconds; a barrier that waited for it at every step ran 5-6x
+ * slower than one thread with two other processes busy on the 2 cores. So:
+ * - the shares are claimed, not assigned: a member late to a step finds its
+ *   share done by another and catches up (charlm_team_play); a member that
+ *   was late has its share taken at once at the next steps, until it runs
+ *   its own again;
+ * - a member descheduled in the middle of its share still stalls the step:
+ *   after a 3 ms wait the first member finishes the run alone, and teams
+ *   play alone for the next 0.1 s;
+ * - the threads beside the caller are helpers started once and parked
+ *   between runs, awake for 2 ms after each (a new thread per run cost
+ *   1-2 ms: it waits to be moved off its creator's core).
+ * With two busy processes on the 2 cores (20,000 characters of a 2x512 LSTM
+ * evaluated; 30,000 sampled from a 2x128 LSTM), the team ran at 0.9-1.1x
+ * and 0.8x the speed of one thread. If a helper cannot be started, or
+ * another team has them, the players take every share between them.
  */
 #ifndef CHARLM_TEAM_H
 #define CHARLM_TEAM_H
@@ -44,6 +56,7 @@
 #ifndef _WIN32
 #include <pthread.h>
 #include <sched.h>
+#include <time.h>
 #define CHARLM_HAS_THREADS 1
 #else
 #define CHARLM_HAS_THREADS 0
@@ -60,6 +73,7 @@
 #define CHARLM_TEAM_MAX 4
 #define CHARLM_TEAM_SPINS 20000       /* ~0.1-1 ms of pauses, then yield */
 #define CHARLM_TEAM_PATIENCE 256      /* pauses (~5 us) before taking a late share */
+#define CHARLM_HELPER_SPINS 100000    /* pauses (~2 ms) a helper waits awake for a team */
 
 /* The work of one share at step t (0 <= t < steps); t = -1: its preparation. */
 typedef void (*charlm_team_task)(void* job, int share, int t);
@@ -68,7 +82,8 @@ typedef void (*charlm_team_task)(void* job, int share, int t);
  * (pass 0 prepares, pass u >= 1 is step u - 1). */
 typedef struct {
     int claimed, done;
-    char pad[64 - 2 * sizeof(int)];
+    int late;                /* its member was late last time: take it at once */
+    char pad[64 - 3 * sizeof(int)];
 } __attribute__((aligned(64))) charlm_team_share;
 
 typedef struct {
@@ -76,7 +91,27 @@ typedef struct {
     int shares, steps;
     charlm_team_task task;
     void* job;
+    int solo;                /* member 0 plays on alone: the others stop */
 } charlm_team;
+
+/* After a team that had to finish alone (see charlm_team_play), teams play
+ * alone until then (seconds on charlm_team_now's clock, in microseconds). */
+static long charlm_team_alone_until_us = 0;
+static long charlm_team_solos = 0;     /* teams that went solo (for the tests) */
+#define CHARLM_TEAM_ALONE_AFTER_SOLO 0.1   /* seconds */
+
+#define CHARLM_TEAM_STALL 3e-3          /* seconds: a wait this long is a descheduled thread */
+
+static inline double charlm_team_now(void)
+{
+#if CHARLM_HAS_THREADS
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return now.tv_sec + 1e-9 * now.tv_nsec;
+#else
+    return 0;
+#endif
+}
 
 static inline void charlm_team_spin(long* spins)
 {
@@ -99,14 +134,18 @@ static inline int charlm_team_front(charlm_team* team)
     return front;
 }
 
-/* Run share s's pass u unless someone has started it; a load first, so that
- * the usual answer (taken) costs no write to the share's line. */
-static inline void charlm_team_try(charlm_team* team, int s, int u)
+/* Member `member` runs share s's pass u unless someone has started it; a
+ * load first, so that the usual answer (taken) costs no write to the line.
+ * A share taken from its member marks that member late, until it runs its
+ * own share again. */
+static inline void charlm_team_try(charlm_team* team, int member, int s, int u)
 {
     int expected = u;
     if (__atomic_load_n(&team->share[s].claimed, __ATOMIC_RELAXED) == u
         && __atomic_compare_exchange_n(&team->share[s].claimed, &expected, u + 1, 0,
                                        __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+        if (__atomic_load_n(&team->share[s].late, __ATOMIC_RELAXED) != (s != member))
+            __atomic_store_n(&team->share[s].late, s != member, __ATOMIC_RELAXED);
         team->task(team->job, s, u - 1);
         /* release: the share's writes are seen by whoever sees the count */
         __atomic_store_n(&team->share[s].done, u + 1, __ATOMIC_RELEASE);
@@ -133,12 +172,31 @@ static void charlm_team_play(charlm_team* team, int member)
             u = front;
             continue;
         }
-        charlm_team_try(team, member, u);
+        if (member > 0 && __atomic_load_n(&team->solo, __ATOMIC_ACQUIRE))
+            return;
+        charlm_team_try(team, member, member, u);
+        /* the shares of members late last time at once, then any after a while */
+        for (int s = 0; s < team->shares; s++)
+            if (__atomic_load_n(&team->share[s].late, __ATOMIC_RELAXED))
+                charlm_team_try(team, member, s, u);
         long spins = 0;
+        double waiting_since = 0;
         while (charlm_team_front(team) < u + 1) {
-            if (spins % CHARLM_TEAM_PATIENCE == CHARLM_TEAM_PATIENCE - 1)
+            if (spins % CHARLM_TEAM_PATIENCE == CHARLM_TEAM_PATIENCE - 1
+                    || __atomic_load_n(&team->solo, __ATOMIC_RELAXED)) {
                 for (int s = 0; s < team->shares; s++)
-                    charlm_team_try(team, s, u);
+                    charlm_team_try(team, member, s, u);
+                /* Waited so long that threads are being descheduled (more
+                 * runnable threads than cores): a member holding a share it
+                 * has started then stalls everyone until it runs again, at
+                 * every step. The first member plays the rest alone. */
+                if (member != 0 || u == 0) {
+                    /* the preparation (laying out the weights) may take that long */
+                } else if (waiting_since == 0) {
+                    waiting_since = charlm_team_now();
+                } else if (charlm_team_now() - waiting_since > CHARLM_TEAM_STALL)
+                    __atomic_store_n(&team->solo, 1, __ATOMIC_RELEASE);
+            }
             charlm_team_spin(&spins);
         }
         u++;
@@ -183,7 +241,7 @@ static void* charlm_helper(void* arg)
     unsigned long seen = 0;
     pthread_mutex_lock(&charlm_helpers.lock);
     for (;;) {
-        while (charlm_helpers.generation == seen)
+        while (__atomic_load_n(&charlm_helpers.generation, __ATOMIC_ACQUIRE) == seen)
             pthread_cond_wait(&charlm_helpers.wake, &charlm_helpers.lock);
         seen = charlm_helpers.generation;
         charlm_team* team = charlm_helpers.team;
@@ -192,6 +250,13 @@ static void* charlm_helper(void* arg)
             charlm_team_play(team, member);
         /* release: done with the team, which lives on its caller's stack */
         __atomic_sub_fetch(&charlm_helpers.playing, 1, __ATOMIC_RELEASE);
+        /* The next team often follows at once (the sampler's next block):
+         * stay awake a while, on this core, rather than be woken later,
+         * perhaps onto the caller's core. */
+        for (long spins = 0; spins < CHARLM_HELPER_SPINS
+                 && __atomic_load_n(&charlm_helpers.generation, __ATOMIC_ACQUIRE) == seen;
+             spins++)
+            CHARLM_SPIN_PAUSE();
         pthread_mutex_lock(&charlm_helpers.lock);
     }
     return NULL;
@@ -244,14 +309,15 @@ static void charlm_team_run(int shares, int steps, charlm_team_task task, void* 
     team.job = job;
 #if CHARLM_HAS_THREADS
     int helpers = 0;
-    if (shares > 1) {
+    if (shares > 1 && charlm_team_now() * 1e6
+                          >= __atomic_load_n(&charlm_team_alone_until_us, __ATOMIC_RELAXED)) {
         pthread_mutex_lock(&charlm_helpers.lock);
         if (!charlm_helpers.busy && charlm_helpers_start(shares - 1) > 0) {
             charlm_helpers.busy = 1;
             helpers = charlm_helpers.started;
             charlm_helpers.team = &team;
             __atomic_store_n(&charlm_helpers.playing, helpers, __ATOMIC_RELAXED);
-            charlm_helpers.generation++;
+            __atomic_add_fetch(&charlm_helpers.generation, 1, __ATOMIC_RELEASE);
             pthread_cond_broadcast(&charlm_helpers.wake);
         }
         pthread_mutex_unlock(&charlm_helpers.lock);
@@ -264,6 +330,12 @@ static void charlm_team_run(int shares, int steps, charlm_team_task task, void* 
         pthread_mutex_lock(&charlm_helpers.lock);
         charlm_helpers.busy = 0;
         pthread_mutex_unlock(&charlm_helpers.lock);
+        if (team.solo) {        /* the machine is oversubscribed: not again soon */
+            __atomic_store_n(&charlm_team_alone_until_us,
+                             (long)((charlm_team_now() + CHARLM_TEAM_ALONE_AFTER_SOLO) * 1e6),
+                             __ATOMIC_RELAXED);
+            __atomic_add_fetch(&charlm_team_solos, 1, __ATOMIC_RELAXED);
+        }
     }
 #else
     charlm_team_play(&team, 0);
