@@ -172,12 +172,17 @@ class FusedSampler:
 # sample_steps_team in _kernels.pyx). Measured on 2 cores of a Zen 5
 # (2026-12-02, 100,000 characters in one call, 6 alternations, medians,
 # team vs one thread): LSTM 1x128 (256 KB) 0.92; LSTM 1x192 (576 KB) 1.76;
-# GRU 2x128 (576 KB) 1.28-1.36; LSTM 2x128 (768 KB) 1.58; LSTM 3x128 1.98;
-# GRU 2x256 2.12; LSTM 2x256 2.11; GRU 2x384 2.03; LSTM 2x384 1.11; GRU
-# 2x512 0.99; LSTM 2x512 1.10. The plain RNN, with a quarter of the LSTM's
-# work per unit to share against the same wait per layer, gained at 2x512
-# (1.53) but lost at 2x128 (0.67) and 2x256 (0.74-1.01): it keeps one thread.
-TEAM_MIN_WEIGHT_BYTES = 512 << 10
+# GRU 2x128 (576 KB) 0.95-1.36; LSTM 2x128 (768 KB) 1.58; LSTM 3x128
+# (1.25 MB) 1.98; GRU 2x256 2.12; LSTM 2x256 2.11; GRU 2x384 2.03; LSTM 2x384
+# 1.11; GRU 2x512 0.99; LSTM 2x512 1.10 (and 1.4x each in
+# benchmarks/bench_sample.py). Below 1 MB the gain did not survive
+# benchmarks/bench_sample.py, where PyTorch's threads, still spinning after
+# its own rounds, take the helper's core: GRU 2x128 158-218k chars/s with the
+# team against 227-244k without, LSTM 2x128 128k against 148k. The plain
+# RNN, with a quarter of the LSTM's work per unit to share against the same
+# wait per layer, gained at 2x512 (1.53) but lost at 2x128 (0.67) and 2x256
+# (0.74-1.01): it keeps one thread.
+TEAM_MIN_WEIGHT_BYTES = 1 << 20
 TEAM_MAX_THREADS = 2                 # measured with 2
 
 
