@@ -87,25 +87,12 @@ CHARLM_DEFINE_GEMV(d, double, charlm_vd)
 #define CHARLM_DEFINE_GEMV_LAYOUT(SUFFIX, REAL, STRIP)                           \
                                                                                   \
 /* Lay out the K x N matrix Bt whose element (k, n) is                            \
- * b[k*stride_k + n*stride_n]: (1, K) takes a row-major (N, K) weight matrix     \
- * W as Bt = W.T. */                                                              \
-static inline void charlm_gemv_layout_##SUFFIX(int K, int N, const REAL* b,      \
-                                               ptrdiff_t stride_k,                \
-                                               ptrdiff_t stride_n, REAL* out)     \
-{                                                                                 \
-    int n0, k, j;                                                                 \
-    for (n0 = 0; n0 < N; n0 += STRIP) {                                           \
-        int width = N - n0 < STRIP ? N - n0 : STRIP;                              \
-        for (k = 0; k < K; k++)                                                   \
-            for (j = 0; j < width; j++)                                           \
-                *out++ = b[k * stride_k + (n0 + j) * stride_n];                   \
-    }                                                                             \
-}                                                                                 \
-                                                                                  \
-/* The same for the columns rows[0:N] of Bt = w.T, w row-major with row      \
- * stride ldw: column n of the result is row rows[n] of w. */                    \
-static inline void charlm_gemv_layout_rows_##SUFFIX(int K, int N, const REAL* w, \
-                                                    ptrdiff_t ldw,                \
+ * b[k*stride_k + r*stride_n], r = rows[n], or n when rows is NULL: (1, K)       \
+ * takes a row-major (N, K) weight matrix W as Bt = W.T, and `rows` picks some  \
+ * of W's rows (a team member's share, _team.h). */                              \
+static inline void charlm_gemv_layout_rows_##SUFFIX(int K, int N, const REAL* b, \
+                                                    ptrdiff_t stride_k,           \
+                                                    ptrdiff_t stride_n,           \
                                                     const int* rows, REAL* out)   \
 {                                                                                 \
     int n0, k, j;                                                                 \
@@ -113,8 +100,16 @@ static inline void charlm_gemv_layout_rows_##SUFFIX(int K, int N, const REAL* w,
         int width = N - n0 < STRIP ? N - n0 : STRIP;                              \
         for (k = 0; k < K; k++)                                                   \
             for (j = 0; j < width; j++)                                           \
-                *out++ = w[rows[n0 + j] * ldw + k];                               \
+                *out++ = b[k * stride_k                                           \
+                           + (ptrdiff_t)(rows ? rows[n0 + j] : n0 + j) * stride_n];\
     }                                                                             \
+}                                                                                 \
+                                                                                  \
+static inline void charlm_gemv_layout_##SUFFIX(int K, int N, const REAL* b,      \
+                                               ptrdiff_t stride_k,                \
+                                               ptrdiff_t stride_n, REAL* out)     \
+{                                                                                 \
+    charlm_gemv_layout_rows_##SUFFIX(K, N, b, stride_k, stride_n, NULL, out);     \
 }                                                                                 \
                                                                                   \
 /* y[0:N] += x[0:K] @ Bt, Bt laid out by charlm_gemv_layout, the strips taken    \

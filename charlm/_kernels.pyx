@@ -228,7 +228,7 @@ def set_blas_on_one_thread(bint one_thread):
 
 
 def blas_runs_on_one_thread():
-    """The setting above."""
+    """Whether the kernels have been told that BLAS runs on one thread (above)."""
     return blas_on_one_thread
 
 

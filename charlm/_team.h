@@ -392,7 +392,7 @@ static void charlm_one_stream_task_##SUFFIX(void* arg, int share, int t)        
     charlm_share_##SUFFIX* s = &job->share[share];                                \
     const int H = job->H, n = s->n, u0 = s->u0, width = job->blocks * n;          \
     if (t < 0) {                                                                  \
-        charlm_gemv_layout_rows_##SUFFIX(H, width, job->W_hh, H, s->rows,         \
+        charlm_gemv_layout_rows_##SUFFIX(H, width, job->W_hh, 1, H, s->rows,      \
                                          s->laid_out);                            \
         return;                                                                   \
     }                                                                             \
