@@ -262,7 +262,9 @@ def train(ctx, corpus, out, resume, force, no_progress, **values):
 @click.option("--argmax", is_flag=True, help="Always take the most likely character.")
 @click.option("--num-samples", type=int, default=1, show_default=True,
               help="Independent samples, generated together as one batch.")
-@click.option("--threads", type=int, default=0)
+@click.option("--threads", type=int, default=0,
+              help="BLAS threads; 1 also keeps a single sample of a large LSTM/GRU on one "
+                   "thread (by default it takes two cores). 0: the default.")
 @_friendly_errors
 def sample(model, length, temperature, prime, prime_file, seed, top_k, top_p, argmax,
            num_samples, threads):
