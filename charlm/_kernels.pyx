@@ -443,9 +443,9 @@ cdef bint one_stream_on_team(int cell, int T, int B, int H, int G, real* gates,
                              const real* W_hh, real* h, real* c, real* tanh_c,
                              const real* peep, const real* b_hh,
                              real* hn) noexcept nogil:
-    global one_stream_team_runs
     """Run the recurrence (arrays as the forward kernels take them) on the
     team if it takes it (see above); False: not run, nothing written."""
+    global one_stream_team_runs
     if (B != 1 or T < OWN_GEMV_MIN_STEPS or one_stream_threads < 2
             or <size_t>G * H * sizeof(real) <= OWN_GEMV_MAX_BYTES):
         return False
@@ -1623,9 +1623,10 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
 # team owns a share of every layer's units with their gates: its rows of
 # W_ih and W_hh, laid out for the own GEMV, its columns of the first layer's
 # input rows and its slice of the biases, held in its own core's cache. A
-# character takes L + 1 passes of the team (_team.h's claimed shares, with a
-# wait at the end of each pass): one per layer, every share updating its
-# units, then the output layer and the draw, done by one thread. The state is
+# character takes one pass of the team per layer (_team.h's claimed shares,
+# with a wait at the end of each pass), every share updating its units; share
+# 0 draws it (output layer, softmax, draw) at the start of the next
+# character's first pass, where the other shares wait for the id. The state is
 # double-buffered (character s reads buffer s % 2 and writes the other), as a
 # share must not overwrite units another is still reading. Every output is
 # summed in the same order as sample_steps's (the own GEMV, k in order), so
@@ -1639,6 +1640,7 @@ cdef extern from "_team.h":
     long charlm_team_solos
     void charlm_publish(int* flag, int value) noexcept nogil
     void charlm_await(int* flag, int value) noexcept nogil
+    int charlm_team_split(int H, int shares, int itemsize, int* u0, int* n) noexcept nogil
 
 
 cdef enum:
@@ -1761,17 +1763,15 @@ cdef void _team_sample_task_d(void* job, int share, int t) noexcept nogil:
 
 
 def unit_shares(int H, int threads, int itemsize):
-    """How a team of `threads` splits H units: (u0, n) per share, each but the
-    last a whole number of cache lines of the state; [] if some would be empty."""
-    cdef int line = 64 // itemsize, m, end, start = 0
-    shares = []
-    for m in range(threads):
-        end = H if m + 1 == threads else H * (m + 1) // threads // line * line
-        if end <= start:
-            return []
-        shares.append((start, end - start))
-        start = end
-    return shares
+    """How a team of `threads` splits H units, as the recurrences' team does
+    (charlm_team_split): (u0, n) per share; [] if some would be empty."""
+    cdef int u0[SAMPLER_TEAM_MAX]
+    cdef int n[SAMPLER_TEAM_MAX]
+    _require(1 <= threads <= SAMPLER_TEAM_MAX and itemsize in (4, 8),
+             f"unit_shares: 1 to {SAMPLER_TEAM_MAX} threads, items of 4 or 8 bytes")
+    if charlm_team_split(H, threads, itemsize, u0, n) != 0:
+        return []
+    return [(u0[m], n[m]) for m in range(threads)]
 
 
 def gemv_layout_of(const real[:, ::1] W):

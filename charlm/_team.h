@@ -189,13 +189,14 @@ static void charlm_team_play(charlm_team* team, int member)
                 /* Waited so long that threads are being descheduled (more
                  * runnable threads than cores): a member holding a share it
                  * has started then stalls everyone until it runs again, at
-                 * every step. The first member plays the rest alone. */
-                if (member != 0 || u == 0) {
-                    /* the preparation (laying out the weights) may take that long */
-                } else if (waiting_since == 0) {
-                    waiting_since = charlm_team_now();
-                } else if (charlm_team_now() - waiting_since > CHARLM_TEAM_STALL)
-                    __atomic_store_n(&team->solo, 1, __ATOMIC_RELEASE);
+                 * every step. The first member plays the rest alone. Not
+                 * in the preparation (u = 0), which may take that long. */
+                if (member == 0 && u > 0) {
+                    if (waiting_since == 0)
+                        waiting_since = charlm_team_now();
+                    else if (charlm_team_now() - waiting_since > CHARLM_TEAM_STALL)
+                        __atomic_store_n(&team->solo, 1, __ATOMIC_RELEASE);
+                }
             }
             charlm_team_spin(&spins);
         }
@@ -343,6 +344,26 @@ static void charlm_team_run(int shares, int steps, charlm_team_task task, void* 
 }
 
 
+/* Units [0, H) split into `shares` consecutive shares [u0[m], u0[m] + n[m]),
+ * each but the last a whole number of cache lines of a state row (items of
+ * `itemsize` bytes), so that no two members write the same line of h.
+ * Returns -1 if a share would be empty. */
+static int charlm_team_split(int H, int shares, int itemsize, int* u0, int* n)
+{
+    const int line = 64 / itemsize;
+    int start = 0;
+    for (int m = 0; m < shares; m++) {
+        int end = m + 1 == shares ? H : (int)((long)H * (m + 1) / shares / line * line);
+        if (end <= start)
+            return -1;
+        u0[m] = start;
+        n[m] = end - start;
+        start = end;
+    }
+    return 0;
+}
+
+
 /* The recurrences. Cells as _kernels.pyx numbers them. */
 enum { CHARLM_LSTM = 0, CHARLM_GRU = 1, CHARLM_RNN_TANH = 2, CHARLM_RNN_RELU = 3 };
 
@@ -371,19 +392,16 @@ typedef struct {                                                                
     charlm_share_##SUFFIX share[CHARLM_TEAM_MAX];                                 \
 } charlm_one_stream_##SUFFIX;                                                    \
                                                                                   \
-/* dst[q*n + j] = src[q*H + j]: a share's slice of each gate block, and back. */ \
-static inline void charlm_gather_##SUFFIX(REAL* dst, const REAL* src,            \
-                                          int blocks, int n, int H)               \
+/* n values from each of `blocks` blocks, dst[q*dst_stride + j] =            \
+ * src[q*src_stride + j]: a share's slice of each gate block (stride H)        \
+ * gathered together (stride n), or scattered back. */                         \
+static inline void charlm_copy_blocks_##SUFFIX(REAL* dst, size_t dst_stride,    \
+                                               const REAL* src,                   \
+                                               size_t src_stride,                 \
+                                               int blocks, int n)                 \
 {                                                                                 \
     for (int q = 0; q < blocks; q++)                                              \
-        memcpy(dst + (size_t)q * n, src + (size_t)q * H, n * sizeof(REAL));       \
-}                                                                                 \
-                                                                                  \
-static inline void charlm_scatter_##SUFFIX(REAL* dst, const REAL* src,           \
-                                           int blocks, int n, int H)              \
-{                                                                                 \
-    for (int q = 0; q < blocks; q++)                                              \
-        memcpy(dst + (size_t)q * H, src + (size_t)q * n, n * sizeof(REAL));       \
+        memcpy(dst + q * dst_stride, src + q * src_stride, n * sizeof(REAL));     \
 }                                                                                 \
                                                                                   \
 static void charlm_one_stream_task_##SUFFIX(void* arg, int share, int t)         \
@@ -403,20 +421,20 @@ static void charlm_one_stream_task_##SUFFIX(void* arg, int share, int t)        
     switch (job->cell) {                                                          \
     case CHARLM_LSTM:                                                             \
         /* pre = a + W_hh h_{t-1}   (4n) */                                       \
-        charlm_gather_##SUFFIX(s->pre, gate, 4, n, H);                            \
+        charlm_copy_blocks_##SUFFIX(s->pre, n, gate, H, 4, n);                    \
         charlm_gemv_dir_##SUFFIX(H, width, h_prev, s->laid_out, s->pre, backwards);\
         charlm_lstm_forward_units_##SUFFIX(                                       \
             n, s->pre, job->c + (size_t)t * H + u0, job->c + (size_t)(t + 1) * H + u0,\
             job->tanh_c + (size_t)t * H + u0, h, s->peep);                        \
-        charlm_scatter_##SUFFIX(gate, s->pre, 4, n, H);                           \
+        charlm_copy_blocks_##SUFFIX(gate, H, s->pre, n, 4, n);                    \
         break;                                                                    \
     case CHARLM_GRU:                                                              \
         /* hh = W_hh h_{t-1} + b_hh   (3n) */                                     \
-        charlm_gather_##SUFFIX(s->hh, job->b_hh + u0, 3, n, H);                   \
+        charlm_copy_blocks_##SUFFIX(s->hh, n, job->b_hh + u0, H, 3, n);           \
         charlm_gemv_dir_##SUFFIX(H, width, h_prev, s->laid_out, s->hh, backwards);\
-        charlm_gather_##SUFFIX(s->pre, gate, 3, n, H);                            \
+        charlm_copy_blocks_##SUFFIX(s->pre, n, gate, H, 3, n);                    \
         charlm_gru_forward_units_##SUFFIX(n, s->pre, s->hh, h_prev + u0, h);      \
-        charlm_scatter_##SUFFIX(gate, s->pre, 3, n, H);                           \
+        charlm_copy_blocks_##SUFFIX(gate, H, s->pre, n, 3, n);                    \
         memcpy(job->hn + (size_t)t * H + u0, s->hh + 2 * (size_t)n,               \
                n * sizeof(REAL));                                                 \
         break;                                                                    \
@@ -437,18 +455,18 @@ static void charlm_one_stream_free_##SUFFIX(charlm_one_stream_##SUFFIX* job)    
     }                                                                             \
 }                                                                                 \
                                                                                   \
-/* Units [0, H) split in `members` shares, whole cache lines of h each. */       \
+/* The members' shares of units (charlm_team_split), each with its buffers. */   \
 static int charlm_one_stream_shares_##SUFFIX(charlm_one_stream_##SUFFIX* job,    \
                                              int members)                         \
 {                                                                                 \
-    const int line = 64 / (int)sizeof(REAL), H = job->H, blocks = job->blocks;    \
+    const int H = job->H, blocks = job->blocks;                                   \
+    int u0[CHARLM_TEAM_MAX], n[CHARLM_TEAM_MAX];                                  \
+    if (charlm_team_split(H, members, (int)sizeof(REAL), u0, n) != 0)             \
+        return -1;                                                                \
     for (int m = 0; m < members; m++) {                                           \
         charlm_share_##SUFFIX* s = &job->share[m];                                \
-        int end = m + 1 == members ? H : (int)((long)H * (m + 1) / members / line * line);\
-        s->u0 = m == 0 ? 0 : job->share[m - 1].u0 + job->share[m - 1].n;          \
-        s->n = end - s->u0;                                                       \
-        if (s->n < 1)                                                             \
-            return -1;                                                            \
+        s->u0 = u0[m];                                                            \
+        s->n = n[m];                                                              \
         size_t width = (size_t)blocks * s->n;                                     \
         s->rows = (int*)malloc(width * sizeof(int));                              \
         /* laid_out, pre, hh, peep in one block */                                \
@@ -464,7 +482,7 @@ static int charlm_one_stream_shares_##SUFFIX(charlm_one_stream_##SUFFIX* job,   
                 s->rows[q * s->n + j] = q * H + s->u0 + j;                        \
         if (job->peep != NULL) {                                                  \
             s->peep = s->hh + 3 * (size_t)s->n;                                   \
-            charlm_gather_##SUFFIX(s->peep, job->peep + s->u0, 3, s->n, H);       \
+            charlm_copy_blocks_##SUFFIX(s->peep, s->n, job->peep + s->u0, H, 3, s->n); \
         }                                                                         \
     }                                                                             \
     return 0;                                                                     \

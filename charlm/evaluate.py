@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import release_pages
-from .parallel import blas_threads, one_stream_team, usable_cores
+from .parallel import ONE_STREAM_MAX_THREADS, blas_threads, one_stream_team, usable_cores
 
 CHUNK = 2048
 RELEASE_EVERY_IDS = 1 << 20   # unmap the pages of a mapped text every ~1M ids read
@@ -65,7 +65,7 @@ def chunked_log_probs(model, ids, chunk=CHUNK):
         return
     # BLAS on one thread: its idle threads would spin for a while after
     # each product, on the cores the team's threads need.
-    with blas_threads(1), one_stream_team(min(usable_cores(), TEAM_MAX_THREADS)):
+    with blas_threads(1), one_stream_team(min(usable_cores(), ONE_STREAM_MAX_THREADS)):
         state = model.zero_state(1)
         for window in windows:
             logp, state = model.log_probs(window[:-1, None], window[1:, None], state)
@@ -112,7 +112,6 @@ def _windows(ids, chunk):
 # large models went to BLAS's GEMV on both cores (LSTM 2x512: 13-14k chars/s,
 # against 16-19k with the team).
 PIPELINE_MAX_WEIGHT_BYTES = 768 << 10   # W_hh of one layer: LSTM H=221, GRU H=256
-TEAM_MAX_THREADS = 2                    # measured with 2; see _team.h
 _END = object()
 
 

@@ -162,6 +162,11 @@ def _concat_states(states):
     return State(h, c)
 
 
+# A single stream (evaluation, sampling) uses a team of at most this many
+# threads: the number measured (charlm/_team.h).
+ONE_STREAM_MAX_THREADS = 2
+
+
 @contextlib.contextmanager
 def one_stream_team(threads):
     """Within the block, a single stream's recurrence over a large W_hh runs

@@ -29,7 +29,7 @@ import numpy as np
 from . import _kernels as K
 from .errors import UsageError
 from .model import State
-from .parallel import usable_cores
+from .parallel import ONE_STREAM_MAX_THREADS, usable_cores
 
 # Largest number of characters per kernel call: long enough that the Python
 # between calls, and a team's start (waking its helper threads, ~60 us),
@@ -183,7 +183,6 @@ class FusedSampler:
 # wait per layer, gained at 2x512 (1.53) but lost at 2x128 (0.67) and 2x256
 # (0.74-1.01): it keeps one thread.
 TEAM_MIN_WEIGHT_BYTES = 1 << 20
-TEAM_MAX_THREADS = 2                 # measured with 2
 
 
 def _team_threads(config):
@@ -195,7 +194,7 @@ def _team_threads(config):
     if (config.cell not in ("lstm", "lstm-peephole", "gru")
             or weight_bytes < TEAM_MIN_WEIGHT_BYTES or K.blas_runs_on_one_thread()):
         return 1
-    return min(usable_cores(), TEAM_MAX_THREADS)
+    return min(usable_cores(), ONE_STREAM_MAX_THREADS)
 
 
 def _team_shares(model, threads):
