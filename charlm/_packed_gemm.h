@@ -31,6 +31,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* CHARLM_MR: rows of C per micro-kernel call. Its 2*MR accumulators, the 2
  * panel vectors and a broadcast must fit the vector registers: 32 with
@@ -47,7 +48,8 @@
 /* The micro-kernel for blocks of 7 and 8 rows exists only when MR allows it. */
 /* One call of the micro-kernel inside the sweep, for a block of ROWS rows. */
 #define CHARLM_MICRO(SUFFIX, ROWS) \
-    charlm_micro_##SUFFIX(ROWS, width, K, a_m, lda_m, a_transposed, panel, accumulate, bias_n, c_m, ldc)
+    charlm_micro_##SUFFIX(ROWS, width, k1 - k0, a_k, lda_m, a_transposed, panel_k, \
+                          accumulate || k0 > 0, k0 == 0 ? bias_n : NULL, c_m, ldc)
 
 #if CHARLM_MR == 8
 #define CHARLM_MICRO_CASES_7_8(SUFFIX) \
@@ -62,6 +64,40 @@
 #ifndef CHARLM_ROWS_OUTER_MIN
 #define CHARLM_ROWS_OUTER_MIN 256
 #endif
+
+/* The blocking of charlm_sweep follows the caches of the core it runs on:
+ * - a superblock of A, read transposed and copied, takes half of L2;
+ * - a group of panels that a whole chunk's rows pass takes a quarter of L2;
+ * - a recurrent step's panel is taken in slices of k of 2/3 of L1.
+ * Measured on one core of an Intel Xeon (2 MB L2, 48 KB L1), GFLOP/s against
+ * the loop orders before (see charlm_sweep): 1250x512 @ 512x2048 156 (112),
+ * 1250x2048 @ 2048x512 158 (113), 2048x1250 . 1250x512 transposed 140 (105),
+ * 512x1250 . 1250x128 transposed 131 (117), 25x512 @ 512x2048 130 (124).
+ * CHARLM_L2_BYTES and CHARLM_L1_BYTES are the sizes assumed where the C
+ * library cannot tell (then: the smallest seen on these machines). */
+#ifndef CHARLM_L2_BYTES
+#define CHARLM_L2_BYTES (1024 * 1024)
+#endif
+#ifndef CHARLM_L1_BYTES
+#define CHARLM_L1_BYTES (32 * 1024)
+#endif
+
+/* Bytes of the data cache of this core at `level` (1 or 2), from the C
+ * library, read once. */
+static inline size_t charlm_cache_bytes(int level)
+{
+    static size_t l1 = 0, l2 = 0;               /* a benign race: same value */
+    if (l2 == 0) {
+        long one = -1, two = -1;
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+        one = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+        two = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+        l1 = one >= 16 * 1024 && one <= 1024 * 1024 ? (size_t)one : CHARLM_L1_BYTES;
+        l2 = two >= 256 * 1024 && two <= 64 * 1024 * 1024 ? (size_t)two : CHARLM_L2_BYTES;
+    }
+    return level == 1 ? l1 : l2;
+}
 
 /* Row strides of A, in bytes, that are a multiple of this map the rows to so
  * few cache sets that reading A down its columns thrashes (see charlm_sweep). */
@@ -177,20 +213,31 @@ charlm_micro_##SUFFIX(const int rows, int width, int K, const REAL* a, int lda, 
     }                                                                             \
 }                                                                                 \
                                                                                   \
-/* strip (K x width, row-major) = columns 0..width-1 of a (K rows, lda).         \
- * width is at most 2*MR; the common full width is a fixed-size copy. */          \
-static inline void charlm_copy_strip_##SUFFIX(int K, const REAL* a, int lda,     \
-                                              int width, REAL* strip)            \
+/* Copy row blocks b0..b1-1 of a transposed A (element (r, k) at            \
+ * a[k*lda + r]) into dst, block after block, each as K x rows row-major: the   \
+ * order in which one micro-kernel call reads it. Row k of A is read once, in   \
+ * order, for all the blocks. */                                                 \
+static inline void charlm_copy_blocks_t_##SUFFIX(int M, int blocks, int b0,     \
+                                                 int b1, int K, const REAL* a,    \
+                                                 int lda, REAL* dst)              \
 {                                                                                 \
-    int k, j;                                                                     \
-    if (width == 2 * CHARLM_MR) {                                                 \
-        for (k = 0; k < K; k++, strip += 2 * CHARLM_MR)                           \
-            for (j = 0; j < 2 * CHARLM_MR; j++)                                   \
-                strip[j] = a[(size_t)k * lda + j];                                \
-    } else {                                                                      \
-        for (k = 0; k < K; k++, strip += width)                                   \
-            for (j = 0; j < width; j++)                                           \
-                strip[j] = a[(size_t)k * lda + j];                                \
+    int k, r, block;                                                              \
+    for (k = 0; k < K; k++) {                                                     \
+        const REAL* a_k = a + (size_t)k * lda;                                    \
+        REAL* dst_block = dst;                                                    \
+        for (block = b0; block < b1; block++) {                                   \
+            int rows = charlm_block_rows(M, blocks, block);                       \
+            const REAL* src = a_k + block * (M / blocks)                          \
+                + (block < M % blocks ? block : M % blocks);                      \
+            REAL* dst_k = dst_block + (size_t)k * rows;                           \
+            if (rows == CHARLM_MR)              /* the usual case, unrolled */    \
+                for (r = 0; r < CHARLM_MR; r++)                                   \
+                    dst_k[r] = src[r];                                            \
+            else                                                                  \
+                for (r = 0; r < rows; r++)                                        \
+                    dst_k[r] = src[r];                                            \
+            dst_block += (size_t)K * rows;                                        \
+        }                                                                         \
     }                                                                             \
 }                                                                                 \
                                                                                   \
@@ -207,66 +254,92 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
      * which cost 4-5% on 25 rows. */                                          \
     int blocks = (M + CHARLM_MR - 1) / CHARLM_MR;                                 \
     int panels = (N + NR - 1) / NR;                                               \
-    /* Which loop is outer. Panels outer for a recurrent step's few rows: a   \
-     * panel stays in L1 while every row block passes it. Row blocks outer     \
-     * when A is all rows of a chunk: read in place transposed (all of         \
-     * dgates), each of its blocks serves every panel while in cache and A is   \
-     * read from memory once; not transposed, a block's rows of C are finished \
-     * while in L1 instead of being revisited once per panel. */               \
+    /* The loop order decides what each level of cache holds. One loop nest:  \
+     * for each superblock of row blocks, for each group of panels, (for each  \
+     * slice of k,) for each block of the superblock, for each panel of the    \
+     * group. Three cases:                                                      \
+     * - A recurrent step's few rows: one superblock, groups of one panel. A   \
+     *   panel is read once, by every block, while it is in L1 or L2.          \
+     * - A whole chunk's rows read in place (an input projection, dL/dx): one \
+     *   superblock, panels in groups of a quarter of L2. A group stays in L2 \
+     *   while every block of A passes it, and A is read once per group.       \
+     *   Block by block over all panels instead read all of B from L3 for      \
+     *   each 8 rows (4 MB of packed W for a 512-unit LSTM).                   \
+     * - A read transposed (dgates, for the weight gradients): the same, in    \
+     *   superblocks of half of L2 of A, copied (below) once per superblock. */ \
+    const size_t block_bytes = (size_t)CHARLM_MR * K * sizeof(REAL);             \
+    const size_t panel_bytes = (size_t)NR * K * sizeof(REAL);                    \
     const int rows_outer = a_transposed || M >= CHARLM_ROWS_OUTER_MIN;            \
-    REAL bias_tail[NR];                         /* the last panel's, padded */    \
-    int n0, m0, block, rows, step;                                                \
-    /* A read transposed (dgates, all rows of a chunk) is copied a strip of     \
-     * two row blocks at a time: in place, the MR values a step reads sit one   \
-     * row of A apart, a power-of-two stride for the usual widths (2 KB for a  \
-     * 128-unit LSTM), so the strip's K cache lines fell into a few sets of L1  \
-     * and L2 and came from L3 again for every panel: 512x1250 @ 1250x128 ran   \
-     * at 70-77 GFLOP/s, 384x1250 at 93. Copied, 79-84. Other strides do not    \
+    const size_t superblock_bytes = charlm_cache_bytes(2) / 2;                   \
+    const size_t group_bytes = charlm_cache_bytes(2) / 4;                        \
+    const size_t slice_bytes = charlm_cache_bytes(1) * 2 / 3;                    \
+    const int super = !a_transposed ? blocks                                      \
+        : superblock_bytes / block_bytes > 1                                      \
+        ? (int)(superblock_bytes / block_bytes) : 1;                              \
+    const int group = !rows_outer ? 1                                             \
+        : group_bytes / panel_bytes > 1 ? (int)(group_bytes / panel_bytes) : 1;   \
+    /* A read transposed is copied a superblock at a time, each block          \
+     * contiguous: in place, the MR values a step reads sit one row of A       \
+     * apart, a power-of-two stride for the usual widths (2 KB for a 128-unit  \
+     * LSTM), so a block's K cache lines fell into a few sets of L1 and L2 and \
+     * came from L3 again for every panel: 512x1250 @ 1250x128 ran at 70-77    \
+     * GFLOP/s on a Zen 4, 384x1250 at 93. Copied, 79-84. Other strides do not \
      * alias so badly, and there the copy cost 3-5%. */                         \
     const int aliasing = (size_t)lda * sizeof(REAL) % CHARLM_ALIASING_STRIDE == 0; \
-    REAL* strip = a_transposed && aliasing                                        \
-        ? (REAL*)malloc((size_t)K * 2 * CHARLM_MR * sizeof(REAL)) : NULL;         \
-    int strip_m0 = 0, strip_width = 0;                                            \
+    REAL* copy = a_transposed && aliasing                                         \
+        ? (REAL*)malloc((size_t)K * super * CHARLM_MR * sizeof(REAL)) : NULL;     \
+    REAL bias_tail[NR];                         /* the last panel's, padded */    \
+    int b0, b1, p0, p1, k0, k1, block, panel_index;                               \
+    /* A recurrent step whose panel does not fit L1 takes it a slice of k at a  \
+     * time, all blocks per slice, so that the slice stays in L1 while every    \
+     * block reads it (the blocks' partial sums go through C). */               \
+    const int slice = rows_outer || panel_bytes <= slice_bytes ? K                \
+        : (int)(slice_bytes / (NR * sizeof(REAL)));                               \
     if (bias != NULL && N % NR != 0) {                                            \
-        for (n0 = 0; n0 < NR; n0++)                                               \
-            bias_tail[n0] = (panels - 1) * NR + n0 < N ? bias[(panels - 1) * NR + n0] : 0; \
+        for (panel_index = 0; panel_index < NR; panel_index++)                    \
+            bias_tail[panel_index] = (panels - 1) * NR + panel_index < N          \
+                ? bias[(panels - 1) * NR + panel_index] : 0;                      \
     }                                                                             \
-    for (step = 0; step < blocks * panels; step++) {                              \
-        int panel_index = rows_outer ? step % panels : step / blocks;             \
-        block = rows_outer ? step / panels : step % blocks;                       \
-        n0 = panel_index * NR;                                                    \
-        m0 = block * (M / blocks) + (block < M % blocks ? block : M % blocks);    \
-        rows = charlm_block_rows(M, blocks, block);                               \
-        {                                                                         \
-            const REAL* panel = packed + (size_t)panel_index * NR * K;            \
-            int width = N - n0 < NR ? N - n0 : NR;                                \
-            const REAL* bias_n = bias == NULL ? NULL                              \
-                                 : width == NR ? bias + n0 : bias_tail;           \
-            const REAL* a_m = a + (a_transposed ? (size_t)m0 : (size_t)m0 * lda); \
-            int lda_m = lda;                                                      \
-            if (strip != NULL) {                                                  \
-                if (panel_index == 0 && block % 2 == 0) {                         \
-                    strip_m0 = m0;                                                \
-                    strip_width = rows + (block + 1 < blocks                      \
-                        ? charlm_block_rows(M, blocks, block + 1) : 0);           \
-                    charlm_copy_strip_##SUFFIX(K, a + m0, lda, strip_width, strip); \
-                }                                                                 \
-                a_m = strip + (m0 - strip_m0);                                    \
-                lda_m = strip_width;                                              \
+    for (b0 = 0; b0 < blocks; b0 = b1) {                                          \
+      b1 = b0 + super < blocks ? b0 + super : blocks;                             \
+      if (copy != NULL)                                                           \
+          charlm_copy_blocks_t_##SUFFIX(M, blocks, b0, b1, K, a, lda, copy);      \
+      for (p0 = 0; p0 < panels; p0 = p1) {                                        \
+        p1 = p0 + group < panels ? p0 + group : panels;                           \
+        for (k0 = 0; k0 < K; k0 = k1) {                                           \
+          const REAL* copied = copy;                                              \
+          k1 = k0 + slice < K ? k0 + slice : K;                                   \
+          for (block = b0; block < b1; block++) {                                 \
+            int rows = charlm_block_rows(M, blocks, block);                       \
+            int m0 = block * (M / blocks) + (block < M % blocks ? block : M % blocks); \
+            const REAL* a_m = copy != NULL ? copied                               \
+                : a + (a_transposed ? (size_t)m0 : (size_t)m0 * lda);             \
+            int lda_m = copy != NULL ? rows : lda;                                \
+            const REAL* a_k = a_m + (a_transposed ? (size_t)k0 * lda_m : (size_t)k0); \
+            copied += (size_t)K * rows;                                           \
+            for (panel_index = p0; panel_index < p1; panel_index++) {             \
+              const REAL* panel_k = packed + (size_t)panel_index * NR * K         \
+                                    + (size_t)k0 * NR;                            \
+              int n0 = panel_index * NR;                                          \
+              int width = N - n0 < NR ? N - n0 : NR;                              \
+              const REAL* bias_n = bias == NULL ? NULL                            \
+                                   : width == NR ? bias + n0 : bias_tail;         \
+              REAL* c_m = c + (size_t)m0 * ldc + n0;                              \
+              switch (rows) {                                                     \
+              CHARLM_MICRO_CASES_7_8(SUFFIX)                                      \
+              case 6: CHARLM_MICRO(SUFFIX, 6); break;                             \
+              case 5: CHARLM_MICRO(SUFFIX, 5); break;                             \
+              case 4: CHARLM_MICRO(SUFFIX, 4); break;                             \
+              case 3: CHARLM_MICRO(SUFFIX, 3); break;                             \
+              case 2: CHARLM_MICRO(SUFFIX, 2); break;                             \
+              default: CHARLM_MICRO(SUFFIX, 1); break;                            \
+              }                                                                   \
             }                                                                     \
-            REAL* c_m = c + (size_t)m0 * ldc + n0;                                \
-            switch (rows) {                                                       \
-            CHARLM_MICRO_CASES_7_8(SUFFIX)                                        \
-            case 6: CHARLM_MICRO(SUFFIX, 6); break;                               \
-            case 5: CHARLM_MICRO(SUFFIX, 5); break;                               \
-            case 4: CHARLM_MICRO(SUFFIX, 4); break;                               \
-            case 3: CHARLM_MICRO(SUFFIX, 3); break;                               \
-            case 2: CHARLM_MICRO(SUFFIX, 2); break;                               \
-            default: CHARLM_MICRO(SUFFIX, 1); break;                              \
-            }                                                                     \
+          }                                                                       \
         }                                                                         \
+      }                                                                           \
     }                                                                             \
-    free(strip);                                                                  \
+    free(copy);                                                                   \
 }                                                                                 \
                                                                                   \
 /* C (+)= A @ B for row-major A (M x K, leading dimension lda) and C (M x N,     \

@@ -99,6 +99,34 @@ def test_blas_threads_tells_the_kernels_and_restores():
         K.set_blas_on_one_thread(outside)
 
 
+# Shapes large enough for each level of the sweep's cache blocking on any
+# cache size of these machines (16 KB-1 MB L1, 256 KB-64 MB L2 fall back to
+# the sizes assumed): a recurrent step whose panel is cut into slices of k
+# with a partial last slice; a chunk's rows over several groups of panels;
+# A read transposed in several superblocks, with a row stride that aliases
+# (copied) and one that does not (read in place).
+BLOCKED = [
+    (25, 3001, 70, False),       # few rows, panels of 3001 k: sliced
+    (300, 700, 300, False),      # a chunk's rows, several groups of panels
+    (512, 3000, 40, True),       # transposed, stride 2 KB: copied, 4+ superblocks
+    (515, 3000, 40, True),       # transposed, stride not aliasing: in place
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M, Kd, N, a_transposed", BLOCKED)
+def test_cache_blocked_sweeps_match_numpy(dtype, M, Kd, N, a_transposed):
+    rng = np.random.default_rng(M + Kd)
+    a, b = _operands(rng, M, Kd, N, dtype)
+    stored = np.ascontiguousarray(a.T) if a_transposed else a
+    start = rng.standard_normal((M, N)).astype(dtype)
+    out = start.copy()
+    K.packed_matmul(stored, b, out, accumulate=True, a_transposed=a_transposed)
+    exact = start.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
+    assert np.all(np.abs(out - exact) <= _tolerance(a, b, dtype) + 4 * np.finfo(dtype).eps
+                  * np.abs(exact))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_accumulate_adds_to_the_output(dtype):
     rng = np.random.default_rng(0)
