@@ -25,7 +25,7 @@
 #include <stddef.h>
 #include "_fastmath.h"
 
-#define CHARLM_DEFINE_GRU_UNITS(SUFFIX, REAL, SIGMOID, TANH)                     \
+#define CHARLM_DEFINE_GRU_UNITS(SUFFIX, REAL, SIGMOID2, TANH)                    \
                                                                                   \
 /* Forward. gate (3H): in a_r, a_z, a_n; out the activated r, z, n.              \
  * hh (3H): hh_r, hh_z, hh_n. Writes h = h_t. h may be h_prev (the sampler       \
@@ -42,8 +42,8 @@ static inline void charlm_gru_forward_units_##SUFFIX(                           
     const REAL* restrict hh_z = hh + H;                                           \
     const REAL* restrict hh_n = hh + 2 * (size_t)H;                               \
     for (int j = 0; j < H; j++) {                                                 \
-        REAL r = SIGMOID(g_r[j] + hh_r[j]);                                       \
-        REAL z = SIGMOID(g_z[j] + hh_z[j]);                                       \
+        REAL r, z;                                                                \
+        SIGMOID2(g_r[j] + hh_r[j], g_z[j] + hh_z[j], &r, &z);   /* one division */ \
         REAL n = TANH(g_n[j] + r * hh_n[j]);                                      \
         REAL h_t = (1 - z) * n + z * h_prev[j];                                   \
         g_r[j] = r;                                                               \
@@ -91,7 +91,7 @@ static inline void charlm_gru_backward_units_##SUFFIX(                          
     }                                                                             \
 }
 
-CHARLM_DEFINE_GRU_UNITS(f, float, charlm_sigmoidf, charlm_tanhf)
-CHARLM_DEFINE_GRU_UNITS(d, double, charlm_sigmoid_d, tanh)
+CHARLM_DEFINE_GRU_UNITS(f, float, charlm_sigmoid2_f, charlm_tanhf)
+CHARLM_DEFINE_GRU_UNITS(d, double, charlm_sigmoid2_d, tanh)
 
 #endif

@@ -60,10 +60,37 @@ cdef extern from "_fastmath.h":
     float charlm_sigmoidf(float x) noexcept nogil
     float charlm_tanhf(float x) noexcept nogil
     double charlm_sigmoid_d(double x) noexcept nogil   # libm's exp; the C units use it too
+    # Activations sharing one division (the LSTM's and GRU's units).
+    void charlm_sigmoid2_tanh_f(float a_i, float a_f, float a_g,
+                                float* i, float* f, float* g) noexcept nogil
+    void charlm_sigmoid_tanh_f(float a_o, float x, float* o, float* t) noexcept nogil
+    void charlm_sigmoid2_f(float a_r, float a_z, float* r, float* z) noexcept nogil
 
 
 # float32 uses the inline, vectorisable versions; float64 (gradient checks,
 # reference comparisons) keeps libm's correctly rounded functions.
+
+
+def fast_activations(const float[::1] a, const float[::1] b, const float[::1] x):
+    """The float32 activations of _fastmath.h, element by element, for the
+    tests that hold them against libm: a dict of arrays named after the
+    function and its output."""
+    cdef Py_ssize_t n = a.shape[0], k
+    _require(b.shape[0] == n and x.shape[0] == n, "fast_activations: lengths differ")
+    names = ["exp(a)", "sigmoid(a)", "tanh(x)", "sigmoid2_tanh: sigmoid(a)",
+             "sigmoid2_tanh: sigmoid(b)", "sigmoid2_tanh: tanh(x)", "sigmoid_tanh: sigmoid(a)",
+             "sigmoid_tanh: tanh(x)", "sigmoid2: sigmoid(a)", "sigmoid2: sigmoid(b)"]
+    out = np.empty((len(names), n), np.float32)
+    cdef float[:, ::1] o = out
+    with nogil:
+        for k in range(n):
+            o[0, k] = charlm_expf(a[k])
+            o[1, k] = charlm_sigmoidf(a[k])
+            o[2, k] = charlm_tanhf(x[k])
+            charlm_sigmoid2_tanh_f(a[k], b[k], x[k], &o[3, k], &o[4, k], &o[5, k])
+            charlm_sigmoid_tanh_f(a[k], x[k], &o[6, k], &o[7, k])
+            charlm_sigmoid2_f(a[k], b[k], &o[8, k], &o[9, k])
+    return dict(zip(names, out))
 
 cdef inline real sigmoid(real x) noexcept nogil:
     if real is float:

@@ -27,7 +27,7 @@
 #include <stddef.h>
 #include "_fastmath.h"
 
-#define CHARLM_DEFINE_LSTM_UNITS(SUFFIX, REAL, SIGMOID, TANH)                    \
+#define CHARLM_DEFINE_LSTM_UNITS(SUFFIX, REAL, SIGMOID2_TANH, SIGMOID_TANH)      \
                                                                                   \
 /* Forward. gate (4H): in, the pre-activations; out, the activated i, f, g, o.   \
  * Writes c (= c_t), tanh_c and h (= h_t). c may be c_prev (the sampler          \
@@ -54,11 +54,12 @@ charlm_lstm_forward_loop_##SUFFIX(                                              
             a_i += w_ci[j] * cp;                                                  \
             a_f += w_cf[j] * cp;                                                  \
         }                                                                         \
-        REAL i = SIGMOID(a_i), f = SIGMOID(a_f), g = TANH(gg[j]);                 \
+        REAL i, f, g, o, tc;                                                      \
+        SIGMOID2_TANH(a_i, a_f, gg[j], &i, &f, &g);     /* one division */         \
         REAL c_t = f * cp + i * g;                                                \
         if (has_peep)                                                             \
             a_o += w_co[j] * c_t;                                                 \
-        REAL o = SIGMOID(a_o), tc = TANH(c_t);                                    \
+        SIGMOID_TANH(a_o, c_t, &o, &tc);                /* one division */         \
         gi[j] = i;                                                                \
         gf[j] = f;                                                                \
         gg[j] = g;                                                                \
@@ -146,7 +147,7 @@ static inline void charlm_lstm_backward_units_##SUFFIX(                         
                                            dh_up, dc, peep, dpeep, 0);            \
 }
 
-CHARLM_DEFINE_LSTM_UNITS(f, float, charlm_sigmoidf, charlm_tanhf)
-CHARLM_DEFINE_LSTM_UNITS(d, double, charlm_sigmoid_d, tanh)
+CHARLM_DEFINE_LSTM_UNITS(f, float, charlm_sigmoid2_tanh_f, charlm_sigmoid_tanh_f)
+CHARLM_DEFINE_LSTM_UNITS(d, double, charlm_sigmoid2_tanh_d, charlm_sigmoid_tanh_d)
 
 #endif
