@@ -8,7 +8,8 @@ All three start from the same weights and sample with temperature 1 from a
 one-character prime. PyTorch runs the usual loop: one nn.LSTM/GRU/RNN call on
 a (1, 1, V) one-hot, the linear decoder, softmax and torch.multinomial per
 character, under torch.no_grad(). Rounds interleave the three so that machine
-drift hits them alike; the table gives medians of characters per second.
+drift hits them alike, with a short pause before each block (the other's idle
+threads spin for a while); the table gives medians of characters per second.
 """
 
 import argparse
@@ -27,6 +28,9 @@ from charlm.sampling import generate_ids, generate_ids_reference  # noqa: E402
 from torch_twin import torch_twin  # noqa: E402
 
 VOCAB = 65
+SETTLE_SECONDS = 0.3   # pause before each block, as in bench_train.py: PyTorch's idle
+                       # OpenMP threads spin for a while after its block and would take
+                       # the core that charlm's sampler team (two threads) runs on
 
 
 def rate(function, length):
@@ -97,6 +101,7 @@ def main():
             rates = {name: [] for name in runners}
             for _ in range(args.rounds):
                 for name, run in runners.items():
+                    time.sleep(SETTLE_SECONDS)
                     rates[name].append(rate(run, lengths[name]))
             med = {name: statistics.median(r) for name, r in rates.items()}
             torch_rate = med.get("torch")

@@ -166,33 +166,39 @@ class FusedSampler:
         return ids
 
 
-# One stream of a gated model (LSTM, GRU) whose weight matrices (W_hh, and
-# W_ih above the first layer) hold at least TEAM_MIN_WEIGHT_BYTES is sampled
-# by a team of threads, each owning a share of every layer's units (see
-# sample_steps_team in _kernels.pyx). Measured on 2 cores of a Zen 5
-# (2026-12-02, 100,000 characters in one call, 6 alternations, medians,
-# team vs one thread): LSTM 1x128 (256 KB) 0.92; LSTM 1x192 (576 KB) 1.76;
-# GRU 2x128 (576 KB) 0.95-1.36; LSTM 2x128 (768 KB) 1.58; LSTM 3x128
-# (1.25 MB) 1.98; GRU 2x256 2.12; LSTM 2x256 2.11; GRU 2x384 2.03; LSTM 2x384
-# 1.11; GRU 2x512 0.99; LSTM 2x512 1.10 (and 1.4x each in
-# benchmarks/bench_sample.py). Below 1 MB the gain did not survive
-# benchmarks/bench_sample.py, where PyTorch's threads, still spinning after
-# its own rounds, take the helper's core: GRU 2x128 158-218k chars/s with the
-# team against 227-244k without, LSTM 2x128 128k against 148k. The plain
-# RNN, with a quarter of the LSTM's work per unit to share against the same
-# wait per layer, gained at 2x512 (1.53) but lost at 2x128 (0.67) and 2x256
-# (0.74-1.01): it keeps one thread.
-TEAM_MIN_WEIGHT_BYTES = 1 << 20
+# One stream of a model whose weight matrices (W_hh, and W_ih above the first
+# layer) hold at least TEAM_MIN_WEIGHT_BYTES (gated cells: LSTM, GRU) or
+# TEAM_MIN_RNN_WEIGHT_BYTES (the plain RNN, with a quarter of the LSTM's work
+# per unit to share against the same wait per layer) is sampled by a team of
+# threads, each owning a share of every layer's units (see sample_steps_team
+# in _kernels.pyx). Team against one thread, 2 cores, medians of alternations:
+# - Zen 5 (2026-12-02, 1 MB L2 per core): LSTM 1x128 (256 KB) 0.92; LSTM
+#   1x192 (576 KB) 1.76; GRU 2x128 (576 KB) 0.95-1.36; LSTM 2x128 (768 KB)
+#   1.58; LSTM 3x128 (1.25 MB) 1.98; GRU 2x256 2.12; LSTM 2x256 2.11; GRU
+#   2x384 2.03; LSTM 2x384 1.11; GRU 2x512 0.99; LSTM 2x512 1.10; RNN 2x512
+#   (3 MB) 1.53, 2x256 (768 KB) 0.74-1.01, 2x128 0.67.
+# - Intel Xeon (2026-12-06, 2 MB L2 per core): LSTM 1x128 1.18; LSTM 1x192
+#   1.99; LSTM 2x128 1.50; GRU 2x128 1.55; GRU 2x256 3.3; LSTM 2x256 4.1
+#   (each half fits L2, the whole does not); LSTM 2x384 0.93; LSTM 2x512
+#   0.95; GRU 2x512 0.92 (halves larger than L2: both threads wait on L3);
+#   RNN 2x128 (192 KB) 0.72, 2x256 1.01, 2x384 (1.7 MB) 1.78, 2x512 3.5.
+# The largest gated models lose 5-8% on the Intel machine and gain up to 10%
+# on the Zen 5; they keep the team. (An earlier limit of 1 MB for gated
+# cells came from benchmarks/bench_sample.py running with no pause after
+# PyTorch's blocks, whose idle threads then took the helper's core.)
+TEAM_MIN_WEIGHT_BYTES = 512 << 10
+TEAM_MIN_RNN_WEIGHT_BYTES = 1536 << 10
 
 
 def _team_threads(config):
     """Threads to sample one stream of this model with: 1 (no team) for
-    small or ungated models, or when BLAS has been limited to one thread
-    (`--threads 1`, or inside a training run's workers)."""
+    small models, or when BLAS has been limited to one thread (`--threads
+    1`, or inside a training run's workers)."""
     itemsize = np.dtype(config.np_dtype).itemsize
     weight_bytes = (2 * config.layers - 1) * config.gates * config.hidden * itemsize
-    if (config.cell not in ("lstm", "lstm-peephole", "gru")
-            or weight_bytes < TEAM_MIN_WEIGHT_BYTES or K.blas_runs_on_one_thread()):
+    gated = config.cell in ("lstm", "lstm-peephole", "gru")
+    limit = TEAM_MIN_WEIGHT_BYTES if gated else TEAM_MIN_RNN_WEIGHT_BYTES
+    if weight_bytes < limit or K.blas_runs_on_one_thread():
         return 1
     return min(usable_cores(), ONE_STREAM_MAX_THREADS)
 

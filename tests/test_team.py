@@ -190,8 +190,11 @@ def test_which_models_are_sampled_by_a_team(monkeypatch):
     threads = sampling._team_threads
     assert threads(Config(vocab_size=65, cell="lstm", hidden=128, layers=3)) == 2  # 1.25 MB
     assert threads(Config(vocab_size=65, cell="gru", hidden=256, layers=2)) == 2
-    assert threads(Config(vocab_size=65, cell="lstm", hidden=128, layers=2)) == 1  # 768 KB
-    assert threads(Config(vocab_size=65, cell="rnn", hidden=512, layers=2)) == 1   # ungated
+    assert threads(Config(vocab_size=65, cell="lstm", hidden=128, layers=2)) == 2  # 768 KB
+    assert threads(Config(vocab_size=65, cell="lstm", hidden=128, layers=1)) == 1  # 256 KB
+    assert threads(Config(vocab_size=65, cell="rnn", hidden=512, layers=2)) == 2   # 3 MB
+    assert threads(Config(vocab_size=65, cell="rnn-relu", hidden=384, layers=2)) == 2
+    assert threads(Config(vocab_size=65, cell="rnn", hidden=256, layers=2)) == 1   # 768 KB
     with blas_threads(1):                                  # the user asked for one thread
         assert threads(Config(vocab_size=65, cell="gru", hidden=256, layers=2)) == 1
     monkeypatch.setattr(sampling, "usable_cores", lambda: 1)
