@@ -9,7 +9,9 @@ single stream. charlm uses charlm.evaluate.score (chunks of 2,048 steps, the
 state carried); PyTorch runs nn.LSTM/GRU/RNN over the same chunks of one-hot
 input with the state carried, then the decoder and log_softmax, under
 no_grad. Same weights; the two figures are printed and must agree. Rounds
-interleave the two; medians of characters per second.
+interleave the two, with a short pause before each block (the other's idle
+threads spin for a while); medians of characters per second. The footer
+says how often charlm's two-thread team fell back to one thread.
 """
 
 import argparse
@@ -25,7 +27,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 
-from charlm import evaluate  # noqa: E402
+from charlm import _kernels as K, evaluate  # noqa: E402
 from charlm.model import Config, Model  # noqa: E402
 from charlm.vocab import Vocabulary  # noqa: E402
 from torch_twin import torch_twin  # noqa: E402
@@ -61,6 +63,11 @@ def torch_scorer(model):
     return score
 
 
+SETTLE_SECONDS = 0.3   # pause before each block, as in bench_train.py: PyTorch's idle
+                       # OpenMP threads spin for a while after its block and would take
+                       # the core of charlm's second thread (the team or the pipeline)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="+", default=["lstm"])
@@ -94,6 +101,7 @@ def main():
                 figures[name] = score()                      # warm-up, and the figure
             for _ in range(args.rounds):
                 for name, score in scorers.items():
+                    time.sleep(SETTLE_SECONDS)
                     started = time.perf_counter()
                     score()
                     rates[name].append((len(ids) - 1) / (time.perf_counter() - started))
@@ -104,6 +112,9 @@ def main():
             print(f"| {cell} {args.layers}x{hidden} | {med['charlm']:,.0f} | {torch_rate} | "
                   f"{ratio} | {figures['charlm']:.6f} / {figures.get('torch', float('nan')):.6f} |",
                   flush=True)
+    print(f"\ncharlm's single-stream team (large models): {K.team_runs():,} runs, "
+          f"{K.team_solos()} finished by one thread after a wait of over 3 ms (a descheduled "
+          "thread; the team then stays alone for 0.1 s)")
 
 
 if __name__ == "__main__":
