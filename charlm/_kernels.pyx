@@ -338,6 +338,9 @@ cdef void times_weights(bint w_transposed, int m, int n, int k, const real* a, i
                 memcpy(c + <size_t>r * ldc, bias, n * sizeof(real))
         gemm(False, w_transposed, m, n, k, 1, a, lda, w, ldw,
              accumulate or bias != NULL, c, ldc)
+    elif one_stream_threads >= 2 and team_rows_gemm(m, n, k, a, lda, packed, bias,
+                                                    accumulate, c, ldc):
+        pass                       # a single stream's chunk, rows shared (_team.h)
     elif bias != NULL:             # added as each block of c is stored
         if real is float:
             charlm_packed_gemm_bias_f(m, n, k, a, lda, packed, bias, c, ldc)
@@ -346,6 +349,24 @@ cdef void times_weights(bint w_transposed, int m, int n, int k, const real* a, i
     else:
         packed_gemm(m, n, k, a, lda, packed, accumulate, c, ldc)
     free(packed)
+
+
+cdef bint team_rows_gemm(int m, int n, int k, const real* a, int lda, const real* packed,
+                         const real* bias, bint accumulate, real* c, int ldc) noexcept nogil:
+    """c (m, n) (+)= a @ packed (+ bias), the rows shared out to the single
+    stream's team (one_stream_threads, set while evaluating); False if the
+    rows are too few to share, nothing written."""
+    global one_stream_team_runs
+    cdef int status
+    if real is float:
+        status = charlm_team_rows_gemm_f(one_stream_threads, m, n, k, a, lda, packed, bias,
+                                         accumulate, c, ldc)
+    else:
+        status = charlm_team_rows_gemm_d(one_stream_threads, m, n, k, a, lda, packed, bias,
+                                         accumulate, c, ldc)
+    if status == 0:
+        one_stream_team_runs += 1
+    return status == 0
 
 
 cdef extern from "_gemv.h":
@@ -432,6 +453,12 @@ cdef extern from "_team.h":
                                     const double* W_hh, double* h, double* c,
                                     double* tanh_c, const double* peep,
                                     const double* b_hh, double* hn) noexcept nogil
+    int charlm_team_rows_gemm_f(int members, int M, int N, int K, const float* a, int lda,
+                                const float* packed, const float* bias, int accumulate,
+                                float* c, int ldc) noexcept nogil
+    int charlm_team_rows_gemm_d(int members, int M, int N, int K, const double* a,
+                                int lda, const double* packed, const double* bias,
+                                int accumulate, double* c, int ldc) noexcept nogil
 
 
 # A single stream over a long chunk whose W_hh is over the own GEMV's size

@@ -118,6 +118,43 @@ def test_scores_do_not_depend_on_the_cores(cell, hidden, monkeypatch):
     np.testing.assert_array_equal(figures[2], figures[1])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [511, 512, 1300])
+def test_chunk_projection_on_the_team_matches_one_thread(dtype, rows):
+    """An upper layer's input projection over a single stream's chunk is
+    shared out by rows while evaluating (one_stream_team): same bits as one
+    thread; too few rows for two shares of 256 stay on one thread."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 200)).astype(dtype)
+    W_ih = rng.standard_normal((520, 200)).astype(dtype)
+    bias = rng.standard_normal(520).astype(dtype)
+    alone, team = (np.full((rows, 520), np.nan, dtype) for _ in range(2))
+    K.input_from_dense(x, W_ih, bias, alone)
+    runs = K.team_runs()
+    with one_stream_team(2):
+        K.input_from_dense(x, W_ih, bias, team)
+    assert K.team_runs() - runs == (rows >= 512)
+    np.testing.assert_array_equal(team, alone)
+    exact = x.astype(np.float64) @ W_ih.T.astype(np.float64) + bias
+    np.testing.assert_allclose(team, exact, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                               atol=1e-3 if dtype == np.float32 else 1e-10)
+
+
+def test_long_chunks_score_the_same_on_one_or_two_cores(monkeypatch):
+    """Chunks of 600 steps: the recurrences and the upper layer's projection
+    run on the team on 2 cores; the figures are the one-thread figures."""
+    model = Model(Config(vocab_size=13, cell="lstm", hidden=232, layers=2), seed=4)
+    ids = np.random.default_rng(6).integers(0, 13, 1300).astype(np.int32)
+    figures, team_runs = {}, {}
+    for cores in (1, 2):
+        monkeypatch.setattr(evaluate, "usable_cores", lambda: cores)
+        runs = K.team_runs()
+        figures[cores] = evaluate.log_probs(model, ids, chunk=600)
+        team_runs[cores] = K.team_runs() - runs
+    assert team_runs == {1: 0, 2: 2 * 2 + 2}    # recurrences + layer 1's projections
+    np.testing.assert_array_equal(figures[2], figures[1])
+
+
 # ---------------------------------------------------------------------------
 # Sampling one stream on a team (sample_steps_team)
 # ---------------------------------------------------------------------------
