@@ -60,7 +60,7 @@
 #endif
 
 /* From this many rows of A on (a whole chunk, not one time step), the sweep
- * takes row blocks in the outer loop (see charlm_sweep). */
+ * passes the panels in groups that stay in L2 (see charlm_sweep). */
 #ifndef CHARLM_ROWS_OUTER_MIN
 #define CHARLM_ROWS_OUTER_MIN 256
 #endif

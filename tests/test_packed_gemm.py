@@ -99,12 +99,12 @@ def test_blas_threads_tells_the_kernels_and_restores():
         K.set_blas_on_one_thread(outside)
 
 
-# Shapes large enough for each level of the sweep's cache blocking on any
-# cache size of these machines (16 KB-1 MB L1, 256 KB-64 MB L2 fall back to
-# the sizes assumed): a recurrent step whose panel is cut into slices of k
-# with a partial last slice; a chunk's rows over several groups of panels;
-# A read transposed in several superblocks, with a row stride that aliases
-# (copied) and one that does not (read in place).
+# Shapes large enough for each level of the sweep's cache blocking with the
+# caches of these machines (L1 32-48 KB, L2 1-2 MB) or the sizes assumed when
+# the C library cannot tell: a recurrent step whose panel is cut into slices
+# of k, with a partial last slice; a chunk's rows over several groups of
+# panels; A read transposed in several superblocks, with a row stride that
+# aliases (copied) and one that does not (read in place).
 BLOCKED = [
     (25, 3001, 70, False),       # few rows, panels of 3001 k: sliced
     (300, 700, 300, False),      # a chunk's rows, several groups of panels
