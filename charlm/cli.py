@@ -318,7 +318,9 @@ def _emit(text):
 @click.option("--encoding", default="utf-8", show_default=True)
 @click.option("--errors", default="strict", show_default=True,
               help="What to do with undecodable bytes: strict, replace, ignore...")
-@click.option("--threads", type=int, default=0)
+@click.option("--threads", type=int, default=0,
+              help="BLAS threads; 1 also keeps the scoring on one thread (by default it "
+                   "takes two cores). 0: the default.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @_friendly_errors
 def eval_(model, file, skip_unknown, encoding, errors, threads, as_json):

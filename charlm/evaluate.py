@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _kernels as K
 from .data import release_pages
 from .parallel import ONE_STREAM_MAX_THREADS, blas_threads, one_stream_team, usable_cores
 
@@ -56,16 +57,18 @@ def chunked_log_probs(model, ids, chunk=CHUNK):
     With two or more cores, the chunks of a small model go through a
     two-stage pipeline (see _pipelined), and a large model's recurrences run
     on a team of threads (_team.h); the figures are the same either way, to
-    the last bit.
+    the last bit. BLAS limited to one thread by the caller (`charlm eval
+    --threads 1`, charlm.parallel.blas_threads(1)) keeps it all on one.
     """
     windows = _windows(ids, chunk)
-    if _pipeline_pays(model):
+    cores = _cores_to_use()
+    if _pipeline_pays(model, cores):
         with blas_threads(1):       # the two stages are the parallelism
             yield from _pipelined(model, windows)
         return
     # BLAS on one thread: its idle threads would spin for a while after
     # each product, on the cores the team's threads need.
-    with blas_threads(1), one_stream_team(min(usable_cores(), ONE_STREAM_MAX_THREADS)):
+    with blas_threads(1), one_stream_team(min(cores, ONE_STREAM_MAX_THREADS)):
         state = model.zero_state(1)
         for window in windows:
             logp, state = model.log_probs(window[:-1, None], window[1:, None], state)
@@ -115,10 +118,16 @@ PIPELINE_MAX_WEIGHT_BYTES = 768 << 10   # W_hh of one layer: LSTM H=221, GRU H=2
 _END = object()
 
 
-def _pipeline_pays(model):
+def _cores_to_use():
+    """The cores one stream may use: 1 if the caller has limited BLAS to one
+    thread (as `--threads 1` does), else all this process may run on."""
+    return 1 if K.blas_runs_on_one_thread() else usable_cores()
+
+
+def _pipeline_pays(model, cores):
     c = model.config
     weight_bytes = c.gates * c.hidden * np.dtype(c.np_dtype).itemsize
-    return usable_cores() >= 2 and weight_bytes <= PIPELINE_MAX_WEIGHT_BYTES
+    return cores >= 2 and weight_bytes <= PIPELINE_MAX_WEIGHT_BYTES
 
 
 def _pipelined(model, windows):

@@ -22,7 +22,7 @@ def _sequential(model, ids, chunk):
 
 def _pipelined(model, ids, chunk):
     with mock.patch.object(evaluate, "usable_cores", lambda: 2):
-        assert evaluate._pipeline_pays(model)
+        assert evaluate._pipeline_pays(model, evaluate._cores_to_use())
         return evaluate.log_probs(model, ids, chunk)
 
 
@@ -68,8 +68,6 @@ def test_abandoning_the_generator_stops_the_helper():
 def test_large_models_are_not_pipelined():
     """Weights past the limit no longer fit near one core: a team of threads
     shares each step instead (see test_team.py)."""
-    with mock.patch.object(evaluate, "usable_cores", lambda: 2):
-        assert evaluate._pipeline_pays(Model(Config(vocab_size=5, cell="lstm", hidden=200, layers=1)))
-        assert not evaluate._pipeline_pays(Model(Config(vocab_size=5, cell="lstm", hidden=256, layers=1)))
-    with mock.patch.object(evaluate, "usable_cores", lambda: 1):
-        assert not evaluate._pipeline_pays(Model(Config(vocab_size=5, cell="lstm", hidden=64, layers=2)))
+    assert evaluate._pipeline_pays(Model(Config(vocab_size=5, cell="lstm", hidden=200, layers=1)), 2)
+    assert not evaluate._pipeline_pays(Model(Config(vocab_size=5, cell="lstm", hidden=256, layers=1)), 2)
+    assert not evaluate._pipeline_pays(Model(Config(vocab_size=5, cell="lstm", hidden=64, layers=2)), 1)

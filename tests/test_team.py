@@ -8,6 +8,8 @@ kernel, which must be matched to the last bit: every output is summed in the
 same order either way.
 """
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -109,7 +111,7 @@ def test_scores_do_not_depend_on_the_cores(cell, hidden, monkeypatch):
     figures, team_runs = {}, {}
     for cores in (1, 2):
         monkeypatch.setattr(evaluate, "usable_cores", lambda: cores)
-        assert not evaluate._pipeline_pays(model)
+        assert not evaluate._pipeline_pays(model, cores)
         runs = K.team_runs()
         figures[cores] = evaluate.log_probs(model, ids, chunk=300)
         team_runs[cores] = K.team_runs() - runs
@@ -153,6 +155,25 @@ def test_long_chunks_score_the_same_on_one_or_two_cores(monkeypatch):
         team_runs[cores] = K.team_runs() - runs
     assert team_runs == {1: 0, 2: 2 * 2 + 2}    # recurrences + layer 1's projections
     np.testing.assert_array_equal(figures[2], figures[1])
+
+
+@pytest.mark.parametrize("hidden", [64, 232])           # the pipeline's size, the team's
+def test_one_blas_thread_keeps_evaluation_on_one_thread(hidden, monkeypatch):
+    """`charlm eval --threads 1` (BLAS limited to one thread) runs neither the
+    pipeline's helper nor the team, and gives the same figures."""
+    monkeypatch.setattr(evaluate, "usable_cores", lambda: 2)
+    model = Model(Config(vocab_size=13, cell="lstm", hidden=hidden, layers=2), seed=2)
+    ids = np.random.default_rng(7).integers(0, 13, 700).astype(np.int32)
+    on_two = evaluate.log_probs(model, ids, chunk=300)
+    runs, threads_before = K.team_runs(), threading.active_count()
+    started = []
+    monkeypatch.setattr(evaluate.threading, "Thread",
+                        lambda *a, **k: started.append(1) or threading.Thread(*a, **k))
+    with blas_threads(1):
+        on_one = evaluate.log_probs(model, ids, chunk=300)
+    assert K.team_runs() == runs and not started
+    assert threading.active_count() == threads_before
+    np.testing.assert_array_equal(on_one, on_two)
 
 
 # ---------------------------------------------------------------------------
