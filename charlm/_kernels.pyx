@@ -70,6 +70,26 @@ cdef extern from "_fastmath.h":
 # float32 uses the inline, vectorisable versions; float64 (gradient checks,
 # reference comparisons) keeps libm's correctly rounded functions.
 
+cdef inline real sigmoid(real x) noexcept nogil:
+    if real is float:
+        return charlm_sigmoidf(x)
+    else:
+        return charlm_sigmoid_d(x)
+
+
+cdef inline real exp_(real x) noexcept nogil:
+    if real is float:
+        return charlm_expf(x)
+    else:
+        return exp(x)
+
+
+cdef inline real tanh_(real x) noexcept nogil:
+    if real is float:
+        return charlm_tanhf(x)
+    else:
+        return tanh(x)
+
 
 def fast_activations(const float[::1] a, const float[::1] b, const float[::1] x):
     """The float32 activations of _fastmath.h, element by element, for the
@@ -91,26 +111,6 @@ def fast_activations(const float[::1] a, const float[::1] b, const float[::1] x)
             charlm_sigmoid_tanh_f(a[k], x[k], &o[6, k], &o[7, k])
             charlm_sigmoid2_f(a[k], b[k], &o[8, k], &o[9, k])
     return dict(zip(names, out))
-
-cdef inline real sigmoid(real x) noexcept nogil:
-    if real is float:
-        return charlm_sigmoidf(x)
-    else:
-        return charlm_sigmoid_d(x)
-
-
-cdef inline real exp_(real x) noexcept nogil:
-    if real is float:
-        return charlm_expf(x)
-    else:
-        return exp(x)
-
-
-cdef inline real tanh_(real x) noexcept nogil:
-    if real is float:
-        return charlm_tanhf(x)
-    else:
-        return tanh(x)
 
 
 cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k,

@@ -31,7 +31,9 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>                     /* sysconf, for the cache sizes */
+#endif
 
 /* CHARLM_MR: rows of C per micro-kernel call. Its 2*MR accumulators, the 2
  * panel vectors and a broadcast must fit the vector registers: 32 with
