@@ -14,7 +14,7 @@
  * k = 0..K-1, so the micro-kernel reads it as one sequential stream.
  *
  * The micro-kernel holds an MR x NR block of C in registers (two vectors per
- * row; MR = 8 with AVX-512, else 6) and, for each k, broadcasts one element
+ * row; MR = 13 with AVX-512, else 6) and, for each k, broadcasts one element
  * of each of MR rows of A and multiplies it by the panel's row k: MR*2
  * fused multiply-adds per 2 loads.
  * It is written with GCC vector extensions, so the same source compiles to
@@ -37,28 +37,41 @@
 
 /* CHARLM_MR: rows of C per micro-kernel call. Its 2*MR accumulators, the 2
  * panel vectors and a broadcast must fit the vector registers: 32 with
- * AVX-512 (MR = 8: a batch share of 16 rows is two whole blocks, where
- * 6 + 6 + 4 rows ran 8% slower), 16 otherwise (MR = 6). */
+ * AVX-512, 16 otherwise (MR = 6). With AVX-512, MR = 13 (29 registers): a
+ * worker's share of 25 rows (batch 50 on two workers) is two blocks, 13 + 12,
+ * where MR = 8 made it four (7+6+6+6), each reading the panel again for a
+ * third fewer FMAs per load. One core of an Intel Xeon, GFLOP/s, MR = 8 ->
+ * 13 (C harness): 25x512 @ 512x2048 (a 2x512 LSTM's step) 134 -> 157-158,
+ * 25x2048 @ 2048x512 (its backward step) 133 -> 156-159, 25x128 @ 128x512
+ * 157 -> 167, 1250x512 @ 512x2048 156 -> 162, the transposed weight
+ * gradients 139 -> 152 and 132 -> 140; 16 rows (8 + 8) unchanged. MR = 14
+ * ran the same. (Earlier MR = 8 against 6 on a Zen 4: a share of 16 rows as
+ * 6 + 6 + 4 ran 8% slower than 8 + 8.) */
 #if defined(__AVX512F__)
 #define CHARLM_VBYTES 64
-#define CHARLM_MR 8
+#define CHARLM_MR 13
 #else
 #define CHARLM_VBYTES 32
 #define CHARLM_MR 6
 #endif
 
-/* The micro-kernel for blocks of 7 and 8 rows exists only when MR allows it. */
+/* The micro-kernel for blocks of 7 to 13 rows exists only when MR allows it. */
 /* One call of the micro-kernel inside the sweep, for a block of ROWS rows. */
 #define CHARLM_MICRO(SUFFIX, ROWS) \
     charlm_micro_##SUFFIX(ROWS, width, k1 - k0, a_k, lda_m, a_transposed, panel_k, \
                           accumulate || k0 > 0, k0 == 0 ? bias_n : NULL, c_m, ldc)
 
-#if CHARLM_MR == 8
-#define CHARLM_MICRO_CASES_7_8(SUFFIX) \
+#if CHARLM_MR == 13
+#define CHARLM_MICRO_CASES_ABOVE_6(SUFFIX) \
+            case 13: CHARLM_MICRO(SUFFIX, 13); break; \
+            case 12: CHARLM_MICRO(SUFFIX, 12); break; \
+            case 11: CHARLM_MICRO(SUFFIX, 11); break; \
+            case 10: CHARLM_MICRO(SUFFIX, 10); break; \
+            case 9: CHARLM_MICRO(SUFFIX, 9); break; \
             case 8: CHARLM_MICRO(SUFFIX, 8); break; \
             case 7: CHARLM_MICRO(SUFFIX, 7); break;
 #else
-#define CHARLM_MICRO_CASES_7_8(SUFFIX)
+#define CHARLM_MICRO_CASES_ABOVE_6(SUFFIX)
 #endif
 
 /* From this many rows of A on (a whole chunk, not one time step), the sweep
@@ -251,9 +264,9 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
                       const REAL* bias, REAL* c, int ldc)                         \
 {                                                                                 \
     /* The M rows are cut into as few blocks as MR allows, of nearly equal    \
-     * heights (25 = 7+6+6+6, not 8+8+8+1): a block of one or two rows         \
-     * cannot keep the FMA units busy (too few independent accumulators),     \
-     * which cost 4-5% on 25 rows. */                                          \
+     * heights (with MR = 8, 25 = 7+6+6+6, not 8+8+8+1): a block of one or   \
+     * two rows cannot keep the FMA units busy (too few independent            \
+     * accumulators), which cost 4-5% on 25 rows. */                           \
     int blocks = (M + CHARLM_MR - 1) / CHARLM_MR;                                 \
     int panels = (N + NR - 1) / NR;                                               \
     /* The loop order decides what each level of cache holds. One loop nest:  \
@@ -266,7 +279,7 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
      *   superblock, panels in groups of a quarter of L2. A group stays in L2 \
      *   while every block of A passes it, and A is read once per group.       \
      *   Block by block over all panels instead read all of B from L3 for      \
-     *   each 8 rows (4 MB of packed W for a 512-unit LSTM).                   \
+     *   each block of rows (4 MB of packed W for a 512-unit LSTM).            \
      * - A read transposed (dgates, for the weight gradients): the same, in    \
      *   superblocks of half of L2 of A, copied (below) once per superblock. */ \
     const size_t block_bytes = (size_t)CHARLM_MR * K * sizeof(REAL);             \
@@ -328,7 +341,7 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
                                    : width == NR ? bias + n0 : bias_tail;         \
               REAL* c_m = c + (size_t)m0 * ldc + n0;                              \
               switch (rows) {                                                     \
-              CHARLM_MICRO_CASES_7_8(SUFFIX)                                      \
+              CHARLM_MICRO_CASES_ABOVE_6(SUFFIX)                                  \
               case 6: CHARLM_MICRO(SUFFIX, 6); break;                             \
               case 5: CHARLM_MICRO(SUFFIX, 5); break;                             \
               case 4: CHARLM_MICRO(SUFFIX, 4); break;                             \

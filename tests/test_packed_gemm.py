@@ -1,10 +1,11 @@
 """The packed matrix product the recurrences use for W_hh (charlm/_packed_gemm.h).
 
-Its micro-kernel works on blocks of 8 rows (AVX-512 builds) or 6 (others;
-the debug build of CI is one) and of 2 vectors of columns, with a
-zero-padded last panel, so the shapes below cover every remainder of either
-block height: rows 1..17, column counts on both sides of each panel width
-(16, 32 for float; 8, 16 for double), and sums over 1 to 129 terms.
+Its micro-kernel works on blocks of up to 13 rows (AVX-512 builds) or 6
+(others; the debug build of CI is one), cut to nearly equal heights, and of
+2 vectors of columns, with a zero-padded last panel, so the shapes below
+cover every block height of either: rows 1..17 and 21, 25, 27 (blocks of
+11+10, 13+12, 9+9+9), column counts on both sides of each panel width (16,
+32 for float; 8, 16 for double), and sums over 1 to 129 terms.
 """
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from charlm import _kernels as K
 
-ROWS = [1, 2, 5, 6, 7, 8, 9, 12, 13, 15, 16, 17]
+ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 21, 25, 27]
 COLS = [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 100]
 DEPTHS = [1, 3, 64, 129]
 
