@@ -135,6 +135,12 @@ static inline int charlm_block_rows(int M, int blocks, int block)
     return M / blocks + (block < M % blocks);
 }
 
+/* The first row of that block. */
+static inline int charlm_block_start(int M, int blocks, int block)
+{
+    return block * (M / blocks) + (block < M % blocks ? block : M % blocks);
+}
+
 /* Vector types that may be loaded from any float-aligned address. */
 typedef float charlm_vf __attribute__((vector_size(CHARLM_VBYTES), aligned(4), may_alias));
 typedef double charlm_vd __attribute__((vector_size(CHARLM_VBYTES), aligned(8), may_alias));
@@ -242,10 +248,9 @@ static inline void charlm_copy_blocks_t_##SUFFIX(int M, int blocks, int b0,     
         REAL* dst_block = dst;                                                    \
         for (block = b0; block < b1; block++) {                                   \
             int rows = charlm_block_rows(M, blocks, block);                       \
-            const REAL* src = a_k + block * (M / blocks)                          \
-                + (block < M % blocks ? block : M % blocks);                      \
+            const REAL* src = a_k + charlm_block_start(M, blocks, block);         \
             REAL* dst_k = dst_block + (size_t)k * rows;                           \
-            if (rows == CHARLM_MR)              /* the usual case, unrolled */    \
+            if (rows == CHARLM_MR)  /* a fixed count: vector moves, 4-5% of dW */ \
                 for (r = 0; r < CHARLM_MR; r++)                                   \
                     dst_k[r] = src[r];                                            \
             else                                                                  \
@@ -311,9 +316,8 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
     const int slice = rows_outer || panel_bytes <= slice_bytes ? K                \
         : (int)(slice_bytes / (NR * sizeof(REAL)));                               \
     if (bias != NULL && N % NR != 0) {                                            \
-        for (panel_index = 0; panel_index < NR; panel_index++)                    \
-            bias_tail[panel_index] = (panels - 1) * NR + panel_index < N          \
-                ? bias[(panels - 1) * NR + panel_index] : 0;                      \
+        for (int j = 0; j < NR; j++)                                              \
+            bias_tail[j] = (panels - 1) * NR + j < N ? bias[(panels - 1) * NR + j] : 0; \
     }                                                                             \
     for (b0 = 0; b0 < blocks; b0 = b1) {                                          \
       b1 = b0 + super < blocks ? b0 + super : blocks;                             \
@@ -326,7 +330,7 @@ charlm_sweep_##SUFFIX(int M, int N, int K, const REAL* a, int lda,              
           k1 = k0 + slice < K ? k0 + slice : K;                                   \
           for (block = b0; block < b1; block++) {                                 \
             int rows = charlm_block_rows(M, blocks, block);                       \
-            int m0 = block * (M / blocks) + (block < M % blocks ? block : M % blocks); \
+            int m0 = charlm_block_start(M, blocks, block);                        \
             const REAL* a_m = copy != NULL ? copied                               \
                 : a + (a_transposed ? (size_t)m0 : (size_t)m0 * lda);             \
             int lda_m = copy != NULL ? rows : lda;                                \

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _kernels as K
 from .data import release_pages
-from .parallel import ONE_STREAM_MAX_THREADS, blas_threads, one_stream_team, usable_cores
+from .parallel import blas_threads, one_stream_team, one_stream_thread_count
 
 CHUNK = 2048
 RELEASE_EVERY_IDS = 1 << 20   # unmap the pages of a mapped text every ~1M ids read
@@ -61,14 +60,14 @@ def chunked_log_probs(model, ids, chunk=CHUNK):
     --threads 1`, charlm.parallel.blas_threads(1)) keeps it all on one.
     """
     windows = _windows(ids, chunk)
-    cores = _cores_to_use()
-    if _pipeline_pays(model, cores):
+    threads = one_stream_thread_count()
+    if _pipeline_pays(model, threads):
         with blas_threads(1):       # the two stages are the parallelism
             yield from _pipelined(model, windows)
         return
     # BLAS on one thread: its idle threads would spin for a while after
     # each product, on the cores the team's threads need.
-    with blas_threads(1), one_stream_team(min(cores, ONE_STREAM_MAX_THREADS)):
+    with blas_threads(1), one_stream_team(threads):
         state = model.zero_state(1)
         for window in windows:
             logp, state = model.log_probs(window[:-1, None], window[1:, None], state)
@@ -118,16 +117,10 @@ PIPELINE_MAX_WEIGHT_BYTES = 768 << 10   # W_hh of one layer: LSTM H=221, GRU H=2
 _END = object()
 
 
-def _cores_to_use():
-    """The cores one stream may use: 1 if the caller has limited BLAS to one
-    thread (as `--threads 1` does), else all this process may run on."""
-    return 1 if K.blas_runs_on_one_thread() else usable_cores()
-
-
-def _pipeline_pays(model, cores):
+def _pipeline_pays(model, threads):
     c = model.config
     weight_bytes = c.gates * c.hidden * np.dtype(c.np_dtype).itemsize
-    return cores >= 2 and weight_bytes <= PIPELINE_MAX_WEIGHT_BYTES
+    return threads >= 2 and weight_bytes <= PIPELINE_MAX_WEIGHT_BYTES
 
 
 def _pipelined(model, windows):

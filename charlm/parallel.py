@@ -167,6 +167,15 @@ def _concat_states(states):
 ONE_STREAM_MAX_THREADS = 2
 
 
+def one_stream_thread_count():
+    """Threads a single stream (scoring a text, sampling at batch 1) may use:
+    1 when the caller has limited BLAS to one thread (`--threads 1`, or inside
+    a training run's workers), else up to ONE_STREAM_MAX_THREADS cores."""
+    if K.blas_runs_on_one_thread():
+        return 1
+    return min(usable_cores(), ONE_STREAM_MAX_THREADS)
+
+
 @contextlib.contextmanager
 def one_stream_team(threads):
     """Within the block, a single stream's recurrence over a large W_hh runs

@@ -29,7 +29,7 @@ import numpy as np
 from . import _kernels as K
 from .errors import UsageError
 from .model import State
-from .parallel import ONE_STREAM_MAX_THREADS, usable_cores
+from .parallel import one_stream_thread_count
 
 # Largest number of characters per kernel call: long enough that the Python
 # between calls, and a team's start (waking its helper threads, ~60 us),
@@ -198,9 +198,7 @@ def _team_threads(config):
     weight_bytes = (2 * config.layers - 1) * config.gates * config.hidden * itemsize
     gated = config.cell in ("lstm", "lstm-peephole", "gru")
     limit = TEAM_MIN_WEIGHT_BYTES if gated else TEAM_MIN_RNN_WEIGHT_BYTES
-    if weight_bytes < limit or K.blas_runs_on_one_thread():
-        return 1
-    return min(usable_cores(), ONE_STREAM_MAX_THREADS)
+    return 1 if weight_bytes < limit else one_stream_thread_count()
 
 
 def _team_shares(model, threads):

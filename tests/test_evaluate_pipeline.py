@@ -11,18 +11,18 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from charlm import evaluate
+from charlm import evaluate, parallel
 from charlm.model import Config, Model
 
 
 def _sequential(model, ids, chunk):
-    with mock.patch.object(evaluate, "usable_cores", lambda: 1):
+    with mock.patch.object(parallel, "usable_cores", lambda: 1):
         return evaluate.log_probs(model, ids, chunk)
 
 
 def _pipelined(model, ids, chunk):
-    with mock.patch.object(evaluate, "usable_cores", lambda: 2):
-        assert evaluate._pipeline_pays(model, evaluate._cores_to_use())
+    with mock.patch.object(parallel, "usable_cores", lambda: 2):
+        assert evaluate._pipeline_pays(model, parallel.one_stream_thread_count())
         return evaluate.log_probs(model, ids, chunk)
 
 
@@ -56,7 +56,7 @@ def test_abandoning_the_generator_stops_the_helper():
     model = Model(Config(vocab_size=5, cell="gru", hidden=8, layers=2))
     ids = np.zeros(5000, np.int32)
     before = threading.active_count()
-    with mock.patch.object(evaluate, "usable_cores", lambda: 2):
+    with mock.patch.object(parallel, "usable_cores", lambda: 2):
         chunks = evaluate.chunked_log_probs(model, ids, chunk=32)
         first = next(chunks)
         assert threading.active_count() == before + 1

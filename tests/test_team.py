@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from charlm import _kernels as K
-from charlm import evaluate, sampling
+from charlm import evaluate, parallel, sampling
 from charlm.model import Config, Model
 from charlm.parallel import blas_threads, one_stream_team
 from charlm.sampling import FusedSampler
@@ -110,7 +110,7 @@ def test_scores_do_not_depend_on_the_cores(cell, hidden, monkeypatch):
     ids = np.random.default_rng(5).integers(0, 13, 700).astype(np.int32)
     figures, team_runs = {}, {}
     for cores in (1, 2):
-        monkeypatch.setattr(evaluate, "usable_cores", lambda: cores)
+        monkeypatch.setattr(parallel, "usable_cores", lambda: cores)
         assert not evaluate._pipeline_pays(model, cores)
         runs = K.team_runs()
         figures[cores] = evaluate.log_probs(model, ids, chunk=300)
@@ -149,7 +149,7 @@ def test_long_chunks_score_the_same_on_one_or_two_cores(monkeypatch):
     ids = np.random.default_rng(6).integers(0, 13, 1300).astype(np.int32)
     figures, team_runs = {}, {}
     for cores in (1, 2):
-        monkeypatch.setattr(evaluate, "usable_cores", lambda: cores)
+        monkeypatch.setattr(parallel, "usable_cores", lambda: cores)
         runs = K.team_runs()
         figures[cores] = evaluate.log_probs(model, ids, chunk=600)
         team_runs[cores] = K.team_runs() - runs
@@ -161,7 +161,7 @@ def test_long_chunks_score_the_same_on_one_or_two_cores(monkeypatch):
 def test_one_blas_thread_keeps_evaluation_on_one_thread(hidden, monkeypatch):
     """`charlm eval --threads 1` (BLAS limited to one thread) runs neither the
     pipeline's helper nor the team, and gives the same figures."""
-    monkeypatch.setattr(evaluate, "usable_cores", lambda: 2)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
     model = Model(Config(vocab_size=13, cell="lstm", hidden=hidden, layers=2), seed=2)
     ids = np.random.default_rng(7).integers(0, 13, 700).astype(np.int32)
     on_two = evaluate.log_probs(model, ids, chunk=300)
@@ -244,7 +244,7 @@ def test_team_sampler_follows_the_model_past_the_size_limit():
 
 
 def test_which_models_are_sampled_by_a_team(monkeypatch):
-    monkeypatch.setattr(sampling, "usable_cores", lambda: 2)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
     threads = sampling._team_threads
     assert threads(Config(vocab_size=65, cell="lstm", hidden=128, layers=3)) == 2  # 1.25 MB
     assert threads(Config(vocab_size=65, cell="gru", hidden=256, layers=2)) == 2
@@ -255,7 +255,7 @@ def test_which_models_are_sampled_by_a_team(monkeypatch):
     assert threads(Config(vocab_size=65, cell="rnn", hidden=256, layers=2)) == 1   # 768 KB
     with blas_threads(1):                                  # the user asked for one thread
         assert threads(Config(vocab_size=65, cell="gru", hidden=256, layers=2)) == 1
-    monkeypatch.setattr(sampling, "usable_cores", lambda: 1)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 1)
     assert threads(Config(vocab_size=65, cell="gru", hidden=256, layers=2)) == 1
 
 
