@@ -379,6 +379,12 @@ cdef extern from "_gemv.h":
                        float* y) noexcept nogil
     void charlm_gemv_d(int K, int N, const double* x, const double* laid_out,
                        double* y) noexcept nogil
+    void charlm_gemv_dir_f(int K, int N, const float* x, const float* laid_out,
+                           float* y, int backwards) noexcept nogil
+    void charlm_gemv_dir_d(int K, int N, const double* x, const double* laid_out,
+                           double* y, int backwards) noexcept nogil
+    int charlm_gemv_strip_width(int N, int n0, int strip, int lanes) noexcept nogil
+    int CHARLM_GEMV_STRIP_F, CHARLM_GEMV_STRIP_D, CHARLM_VBYTES
 
 
 cdef inline void gemv_layout(int K, int N, const real* W, real* out) noexcept nogil:
@@ -1694,6 +1700,9 @@ cdef extern from "_team.h":
     long charlm_team_solos
     void charlm_publish(int* flag, int value) noexcept nogil
     void charlm_await(int* flag, int value) noexcept nogil
+    size_t charlm_whole_lines(size_t bytes) noexcept nogil
+    void* charlm_alloc_lines(size_t bytes) noexcept nogil
+    void charlm_free_lines(void* p) noexcept nogil
     int charlm_team_split(int H, int shares, int itemsize, int* u0, int* n) noexcept nogil
 
 
@@ -1721,7 +1730,8 @@ cdef struct TeamSampling:
     const void* b_out
     void* logits               # (V,)
     int first_id               # fed at step 0
-    int drawn                  # characters drawn so far (published by share 0)
+    int* drawn                 # characters drawn so far (published by share 0;
+                               # a line of its own)
     int* ids                   # (steps,) written
     const double* uniforms     # (steps,)
     double* probs              # (steps, V) or NULL
@@ -1751,7 +1761,7 @@ cdef void _team_layer(real* tag, TeamSampling* job, int share, int s, int layer)
     if layer == 0:
         # gates = W_ihT[id] + bias, a row gather, once share 0 has drawn the id
         if s > 0:
-            charlm_await(&job.drawn, s)
+            charlm_await(job.drawn, s)
         feed = job.first_id if s == 0 else job.ids[s - 1]
         row = <const real*>sh.W_ihT + <size_t>feed * width
         for j in range(width):
@@ -1788,7 +1798,7 @@ cdef void _team_draw(real* tag, TeamSampling* job, int s) noexcept nogil:
     job.ids[s] = _pick(logits, V, job.temperature, job.top_k, job.top_p, job.argmax,
                        job.uniforms[s], job.weight, job.ranked,
                        job.probs + <size_t>s * V if job.probs != NULL else NULL)
-    charlm_publish(&job.drawn, s + 1)
+    charlm_publish(job.drawn, s + 1)
 
 
 cdef inline void _team_sample_task(real* tag, void* arg, int share, int t) noexcept nogil:
@@ -1839,6 +1849,32 @@ def gemv_layout_of(const real[:, ::1] W):
     return out
 
 
+def gemv_strip_widths(int N, int itemsize):
+    """The widths of the strips the own GEMV cuts N columns of `itemsize`
+    bytes into (for the tests)."""
+    cdef int strip = CHARLM_GEMV_STRIP_F if itemsize == 4 else CHARLM_GEMV_STRIP_D
+    cdef int lanes = CHARLM_VBYTES // itemsize, n0 = 0, width
+    widths = []
+    while True:
+        width = charlm_gemv_strip_width(N, n0, strip, lanes)
+        if width == 0:
+            return widths
+        widths.append(width)
+        n0 += width
+
+
+def gemv_laid_out(const real[::1] x, const real[:, ::1] laid_out, real[::1] y,
+                  bint backwards=False):
+    """y += x @ W.T, laid_out = gemv_layout_of(W) (K, N) (for the tests)."""
+    cdef int K = laid_out.shape[0], N = laid_out.shape[1]
+    _require(x.shape[0] == K and y.shape[0] == N, "gemv_laid_out: shape mismatch")
+    with nogil:
+        if real is float:
+            charlm_gemv_dir_f(K, N, &x[0], &laid_out[0, 0], &y[0], backwards)
+        else:
+            charlm_gemv_dir_d(K, N, &x[0], &laid_out[0, 0], &y[0], backwards)
+
+
 cdef const real* _checked(object array, int rows, int cols, str what, list keep,
                          const real* tag) except? NULL:
     """The data of a contiguous (rows, cols) array (cols 0: (rows,)), checked;
@@ -1873,8 +1909,9 @@ cdef void _share_pointers(SamplerShare* sh, tuple parts, int start, int L, int b
              and (not peephole or len(peep) == L), "sample_steps_team: one array per layer")
     width = blocks * n
     sh.u0, sh.n = u0, n
-    sh.W_ih = <const void**>malloc(5 * L * sizeof(void*))
-    sh.gates = malloc(2 * <size_t>width * sizeof(real))
+    # on lines of their own: the other members write theirs (charlm_alloc_lines)
+    sh.W_ih = <const void**>charlm_alloc_lines(5 * L * sizeof(void*))
+    sh.gates = charlm_alloc_lines(2 * <size_t>width * sizeof(real))
     if sh.W_ih == NULL or sh.gates == NULL:
         raise MemoryError()
     sh.hh = <real*>sh.gates + width
@@ -1909,9 +1946,10 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
     cdef int L = h.shape[0], H = h.shape[2], V = b_out.shape[0]
     cdef int steps = ids.shape[0], code, per_unit, S = len(shares), k, start = 0
     cdef bint lstm
-    cdef TeamSampling job
+    cdef TeamSampling* job = NULL
     cdef list keep = []
     cdef real* state = NULL
+    cdef size_t h_bytes
     _require(cell in _SAMPLING_CELLS, f"sample_steps_team: unknown cell {cell!r}")
     code, per_unit = _SAMPLING_CELLS[cell]
     lstm = code == CELL_LSTM or code == CELL_LSTM_PEEPHOLE
@@ -1933,7 +1971,12 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
              "sample_steps_team: top_k must be >= 0, top_p in (0, 1]")
     if steps == 0:
         return
-    memset(&job, 0, sizeof(job))
+    # read by every member at every step: on lines of its own, away from
+    # the caller's stack, which the caller writes as it plays its share
+    job = <TeamSampling*>charlm_alloc_lines(sizeof(TeamSampling))
+    if job == NULL:
+        raise MemoryError()
+    memset(job, 0, sizeof(TeamSampling))
     job.cell, job.L, job.H, job.V, job.blocks, job.shares = code, L, H, V, per_unit, S
     job.steps = steps
     try:
@@ -1942,13 +1985,17 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
                             code == CELL_LSTM_PEEPHOLE, keep, &W_out[0, 0])
             start += job.share[k].n
         _require(start == H, "sample_steps_team: the shares must cover the units")
-        state = <real*>malloc((2 * <size_t>L * H + V) * sizeof(real))
+        # h's two buffers, then the logits (share 0's) from a line of their own
+        h_bytes = charlm_whole_lines(2 * <size_t>L * H * sizeof(real))
+        state = <real*>charlm_alloc_lines(h_bytes + V * sizeof(real))
+        job.drawn = <int*>charlm_alloc_lines(sizeof(int))
         job.weight = <double*>malloc(<size_t>V * sizeof(double))
         job.ranked = <Ranked*>malloc(<size_t>V * sizeof(Ranked))
-        if not (state and job.weight and job.ranked):
+        if not (state and job.drawn and job.weight and job.ranked):
             raise MemoryError()
+        job.drawn[0] = 0
         memcpy(state, &h[0, 0, 0], <size_t>L * H * sizeof(real))
-        job.h, job.logits = state, state + 2 * <size_t>L * H
+        job.h, job.logits = state, <real*>(<char*>state + h_bytes)
         job.c = &c[0, 0, 0] if lstm else NULL
         job.W_out, job.b_out = &W_out[0, 0], &b_out[0]
         job.first_id, job.ids, job.uniforms = prev_ids[0], &ids[0, 0], &uniforms[0, 0]
@@ -1957,17 +2004,19 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
         with nogil:
             charlm_team_run(S, steps * L + 1,
                             _team_sample_task_f if real is float else _team_sample_task_d,
-                            &job)
+                            job)
             # the state after the last character is in buffer steps % 2
             memcpy(&h[0, 0, 0], state + (<size_t>(steps & 1)) * L * H,
                    <size_t>L * H * sizeof(real))
     finally:
         for k in range(S):
-            free(job.share[k].W_ih)
-            free(job.share[k].gates)
-        free(state)
+            charlm_free_lines(job.share[k].W_ih)
+            charlm_free_lines(job.share[k].gates)
+        charlm_free_lines(state)
+        charlm_free_lines(job.drawn)
         free(job.weight)
         free(job.ranked)
+        charlm_free_lines(job)
 
 
 # ===========================================================================

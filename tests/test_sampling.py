@@ -118,14 +118,74 @@ def test_batch_one_steps_equal_training_forward(cell, hidden, dtype):
     np.testing.assert_allclose(sampler.state.h, final.h, rtol=0, atol=tolerance)
 
 
+def _strip_and_lanes(itemsize):
+    strip = K.gemv_strip_widths(10**6, itemsize)[0]     # a whole strip: 8 vectors
+    return strip, strip // 8
+
+
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_gemv_strips_widen_the_last(itemsize):
+    """Whole strips, the last one widened by the columns left over while it
+    fits the registers (16 vectors with AVX-512, 14 otherwise), so that no
+    strip of a few vectors runs on its own."""
+    strip, lanes = _strip_and_lanes(itemsize)
+    max_vecs = 16 if lanes * itemsize == 64 else 14
+    for N in range(1, 5 * strip):
+        widths = K.gemv_strip_widths(N, itemsize)
+        assert sum(widths) == N and all(w == strip for w in widths[:-1]), (N, widths)
+        last = widths[-1]
+        fits = strip + N % strip       # the last whole strip and what is left
+        if N < strip or N % strip == 0:
+            assert last == min(N, strip)
+        elif -(-fits // lanes) <= max_vecs:
+            assert last == fits > strip, (N, widths)
+        else:
+            assert last == N % strip, (N, widths)
+
+
+def _gemv_widths(itemsize):
+    strip, lanes = _strip_and_lanes(itemsize)
+    return sorted({1, lanes - 1, lanes, lanes + 1, 65, strip - 1, strip, strip + 1,
+                   strip + 4 * lanes, strip + 7 * lanes + lanes - 1, 2 * strip - 1,
+                   2 * strip, 2 * strip + 5, 3 * strip + 4 * lanes + 3})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("K_in", [1, 2, 37])
+def test_gemv_matches_numpy_and_each_column_alone(dtype, K_in):
+    """y += x @ W.T through the strip layout, for widths with and without
+    whole vectors, leftover vectors and single columns: as numpy computes
+    it, and every column bit for bit as the same column laid out alone (a
+    team member's share must not change a sum), in either strip order."""
+    rng = np.random.default_rng(K_in)
+    for N in _gemv_widths(np.dtype(dtype).itemsize):
+        W = rng.standard_normal((N, K_in)).astype(dtype)
+        x = rng.standard_normal(K_in).astype(dtype)
+        y0 = rng.standard_normal(N).astype(dtype)
+        laid_out = K.gemv_layout_of(W)
+        results = []
+        for backwards in (False, True):
+            y = y0.copy()
+            K.gemv_laid_out(x, laid_out, y, backwards)
+            results.append(y)
+        np.testing.assert_array_equal(results[0], results[1])
+        expected = y0.astype(np.float64) + W.astype(np.float64) @ x.astype(np.float64)
+        tolerance = 1e-12 if dtype == "float64" else 1e-5
+        np.testing.assert_allclose(results[0], expected, rtol=tolerance, atol=tolerance)
+        for n in {0, N // 2, N - 1}:
+            alone = y0[n:n + 1].copy()
+            K.gemv_laid_out(x, K.gemv_layout_of(W[n:n + 1]), alone)
+            assert alone[0] == results[0][n], (N, n)
+
+
 def test_sampler_layout_depends_on_the_batch():
     """Small matrices: laid out in strips for one stream (the same values,
     reordered), transposed for several; large ones as they are."""
     rng = np.random.default_rng(0)
-    W = rng.standard_normal((150, 37)).astype(np.float32)
+    W = rng.standard_normal((300, 37)).astype(np.float32)
     np.testing.assert_array_equal(K.sampler_layout(W, 3), W.T)
     laid_out = K.sampler_layout(W, 1)
-    assert laid_out.shape == (37, 150) and not np.array_equal(laid_out, W.T)
+    assert laid_out.shape == (37, 300) and not np.array_equal(laid_out, W.T)
     np.testing.assert_array_equal(np.sort(laid_out, axis=None), np.sort(W, axis=None))
     large = rng.standard_normal((600, 300)).astype(np.float32)      # 720 KB
     np.testing.assert_array_equal(K.sampler_layout(large, 1), large)
