@@ -1949,7 +1949,7 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
     cdef TeamSampling* job = NULL
     cdef list keep = []
     cdef real* state = NULL
-    cdef size_t h_bytes
+    cdef size_t h_bytes, c_bytes
     _require(cell in _SAMPLING_CELLS, f"sample_steps_team: unknown cell {cell!r}")
     code, per_unit = _SAMPLING_CELLS[cell]
     lstm = code == CELL_LSTM or code == CELL_LSTM_PEEPHOLE
@@ -1985,9 +1985,11 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
                             code == CELL_LSTM_PEEPHOLE, keep, &W_out[0, 0])
             start += job.share[k].n
         _require(start == H, "sample_steps_team: the shares must cover the units")
-        # h's two buffers, then the logits (share 0's) from a line of their own
+        # h's two buffers, the LSTM's c, then the logits (share 0's), each
+        # from a line of its own: the members write h and c unit by unit
         h_bytes = charlm_whole_lines(2 * <size_t>L * H * sizeof(real))
-        state = <real*>charlm_alloc_lines(h_bytes + V * sizeof(real))
+        c_bytes = charlm_whole_lines(<size_t>L * H * sizeof(real)) if lstm else 0
+        state = <real*>charlm_alloc_lines(h_bytes + c_bytes + V * sizeof(real))
         job.drawn = <int*>charlm_alloc_lines(sizeof(int))
         job.weight = <double*>malloc(<size_t>V * sizeof(double))
         job.ranked = <Ranked*>malloc(<size_t>V * sizeof(Ranked))
@@ -1995,8 +1997,10 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
             raise MemoryError()
         job.drawn[0] = 0
         memcpy(state, &h[0, 0, 0], <size_t>L * H * sizeof(real))
-        job.h, job.logits = state, <real*>(<char*>state + h_bytes)
-        job.c = &c[0, 0, 0] if lstm else NULL
+        job.h, job.logits = state, <real*>(<char*>state + h_bytes + c_bytes)
+        job.c = <real*>(<char*>state + h_bytes) if lstm else NULL
+        if lstm:
+            memcpy(job.c, &c[0, 0, 0], <size_t>L * H * sizeof(real))
         job.W_out, job.b_out = &W_out[0, 0], &b_out[0]
         job.first_id, job.ids, job.uniforms = prev_ids[0], &ids[0, 0], &uniforms[0, 0]
         job.probs = &probs[0, 0, 0] if probs is not None else NULL
@@ -2008,6 +2012,8 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
             # the state after the last character is in buffer steps % 2
             memcpy(&h[0, 0, 0], state + (<size_t>(steps & 1)) * L * H,
                    <size_t>L * H * sizeof(real))
+            if lstm:
+                memcpy(&c[0, 0, 0], job.c, <size_t>L * H * sizeof(real))
     finally:
         for k in range(S):
             charlm_free_lines(job.share[k].W_ih)
