@@ -154,6 +154,11 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k,
 
 
 cdef extern from "_packed_gemm.h":
+    # memory on whole cache lines, 64-byte aligned (see the header)
+    int CACHE_LINE_BYTES "CHARLM_LINE"
+    size_t charlm_whole_lines(size_t bytes) noexcept nogil
+    void* charlm_alloc_lines(size_t bytes) noexcept nogil
+    void charlm_free_lines(void* p) noexcept nogil
     # Products against a right-hand side packed once (see the header).
     size_t charlm_packed_size_f(int K, int N) noexcept nogil
     size_t charlm_packed_size_d(int K, int N) noexcept nogil
@@ -182,10 +187,37 @@ cdef extern from "_packed_gemm.h":
                                  int ldc) noexcept nogil
 
 
+def aligned_empty(shape, dtype):
+    """np.empty(shape, dtype) whose data starts on a 64-byte boundary, so
+    that the kernels' 64-byte vector loads and stores on it stay within
+    cache lines (numpy aligns to 16: see charlm_alloc_lines in
+    _packed_gemm.h for what that cost)."""
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + CACHE_LINE_BYTES, np.uint8)
+    start = -raw.ctypes.data % CACHE_LINE_BYTES
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_zeros(shape, dtype):
+    out = aligned_empty(shape, dtype)
+    out.fill(0)
+    return out
+
+
+def aligned_copy(a):
+    """A C-contiguous copy of `a` on aligned memory (aligned_empty)."""
+    a = np.asarray(a)
+    out = aligned_empty(a.shape, a.dtype)
+    np.copyto(out, a)
+    return out
+
+
 cdef real* pack(const real* b, int K, int N, Py_ssize_t stride_k,
                 Py_ssize_t stride_n) except NULL:
     """Pack the K x N matrix whose (k, n) element is b[k*stride_k + n*stride_n]
-    for packed_gemm; the caller frees it.
+    for packed_gemm; the caller frees it (charlm_free_lines).
 
     The recurrences multiply by the same W_hh at every time step. BLAS would
     repack it on each call, which for a (B,H)@(H,G) product with B ~ 32 costs
@@ -203,11 +235,11 @@ cdef real* pack_or_null(const real* b, int K, int N, Py_ssize_t stride_k,
     """pack() without the GIL: NULL when there is no memory for it."""
     cdef real* packed
     if real is float:
-        packed = <real*>malloc(charlm_packed_size_f(K, N) * sizeof(real))
+        packed = <real*>charlm_alloc_lines(charlm_packed_size_f(K, N) * sizeof(real))
         if packed != NULL:
             charlm_pack_f(K, N, b, stride_k, stride_n, packed)
     else:
-        packed = <real*>malloc(charlm_packed_size_d(K, N) * sizeof(real))
+        packed = <real*>charlm_alloc_lines(charlm_packed_size_d(K, N) * sizeof(real))
         if packed != NULL:
             charlm_pack_d(K, N, b, stride_k, stride_n, packed)
     return packed
@@ -289,7 +321,7 @@ cdef void weight_gradient(int G, int In, int N, const real* dgates, const real* 
         gemm(True, False, G, In, N, 1, dgates, G, x, In, 0, dW, In)
         return
     packed_gemm_at(G, In, N, dgates, G, x_packed, False, dW, In)
-    free(x_packed)
+    charlm_free_lines(x_packed)
 
 
 # The recurrences' two products with W_hh (G, H), forward and backward. With
@@ -348,7 +380,7 @@ cdef void times_weights(bint w_transposed, int m, int n, int k, const real* a, i
             charlm_packed_gemm_bias_d(m, n, k, a, lda, packed, bias, c, ldc)
     else:
         packed_gemm(m, n, k, a, lda, packed, accumulate, c, ldc)
-    free(packed)
+    charlm_free_lines(packed)
 
 
 cdef bint team_rows_gemm(int m, int n, int k, const real* a, int lda, const real* packed,
@@ -440,7 +472,7 @@ cdef real* pack_W_hhT(const real* W_hh, int G, int H, int B, int T) except? NULL
     if T < OWN_GEMV_MIN_STEPS or not own_kernel_takes(<size_t>G * H * sizeof(real),
                                                       OWN_GEMV_MAX_BYTES):
         return NULL
-    laid_out = <real*>malloc(<size_t>H * G * sizeof(real))
+    laid_out = <real*>charlm_alloc_lines(<size_t>H * G * sizeof(real))
     if laid_out == NULL:
         raise MemoryError("cannot allocate the laid-out weights")
     gemv_layout(H, G, W_hh, laid_out)
@@ -565,7 +597,7 @@ def packed_matmul(const real[:, ::1] a, const real[:, ::1] b, real[:, ::1] out,
             packed_gemm_at(M, N, K, &a[0, 0], M, b_packed, accumulate, &out[0, 0], N)
         else:
             packed_gemm(M, N, K, &a[0, 0], K, b_packed, accumulate, &out[0, 0], N)
-    free(b_packed)
+    charlm_free_lines(b_packed)
 
 
 cdef inline void column_sums(const real* x, int rows, int cols, real* out) noexcept nogil:
@@ -783,7 +815,7 @@ def rnn_forward(bint relu, real[:, :, ::1] gates, const real[:, ::1] W_hh,
                         for j in range(H):
                             h_new[j] = tanh_(pre[j])
     finally:
-        free(W_hhT)
+        charlm_free_lines(W_hhT)
 
 
 def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
@@ -829,7 +861,7 @@ def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
             # dW_hh = dgates.T @ h[:T]             (H,H) = (H,N) @ (N,H)
             weight_gradient(H, H, T * B, &dgates[0, 0, 0], &h[0, 0, 0], &dW_hh[0, 0])
     finally:
-        free(W_hh_packed)
+        charlm_free_lines(W_hh_packed)
 
 
 # ---------------------------------------------------------------------------
@@ -935,7 +967,7 @@ def lstm_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
                     lstm_units(H, &gates[t, b, 0], &c[t, b, 0], &c[t + 1, b, 0],
                                &tanh_c[t, b, 0], &h[t + 1, b, 0], w_peep)
     finally:
-        free(W_hhT)
+        charlm_free_lines(W_hhT)
 
 
 def lstm_backward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
@@ -988,7 +1020,7 @@ def lstm_backward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
             # dW_hh = dgates.T @ h[:T]             (4H,H) = (4H,N) @ (N,H)
             weight_gradient(G, H, T * B, &gates[0, 0, 0], &h[0, 0, 0], &dW_hh[0, 0])
     finally:
-        free(W_hh_packed)
+        charlm_free_lines(W_hh_packed)
 
 
 # ---------------------------------------------------------------------------
@@ -1074,7 +1106,7 @@ def gru_forward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
                     # kept for the backward pass: W_hn h_{t-1} + b_hn
                     memcpy(&hn[t, b, 0], &hh[b, 2 * H], H * sizeof(real))
     finally:
-        free(W_hhT)
+        charlm_free_lines(W_hhT)
 
 
 def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
@@ -1119,7 +1151,7 @@ def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
             weight_gradient(G, H, T * B, &dgates_h[0, 0, 0], &h[0, 0, 0], &dW_hh[0, 0])
             column_sums(&dgates_h[0, 0, 0], T * B, G, &db_hh[0])
     finally:
-        free(W_hh_packed)
+        charlm_free_lines(W_hh_packed)
 
 
 # ---------------------------------------------------------------------------
@@ -1430,8 +1462,8 @@ def sampler_layout(const real[:, ::1] W, int batch):
     if not own_gemv_size(N, K, sizeof(real)):
         return np.asarray(W)
     if batch > 1:
-        return np.ascontiguousarray(np.asarray(W).T)
-    out = np.empty((K, N), np.float32 if real is float else np.float64)
+        return aligned_copy(np.asarray(W).T)
+    out = aligned_empty((K, N), np.float32 if real is float else np.float64)
     cdef real[:, ::1] laid_out = out
     with nogil:
         gemv_layout(K, N, &W[0, 0], &laid_out[0, 0])
@@ -1624,9 +1656,9 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
         if code == CELL_LSTM_PEEPHOLE:
             peep_p = _layer_pointers(peep or (), L, 3, H, "peep", keep, &W_ihT[0, 0])
         # All scratch, once per call: nothing is allocated per character.
-        gates = <real*>malloc(<size_t>B * G * sizeof(real))
-        hh = <real*>malloc(<size_t>B * G * sizeof(real))
-        logits = <real*>malloc(<size_t>B * V * sizeof(real))
+        gates = <real*>charlm_alloc_lines(<size_t>B * G * sizeof(real))
+        hh = <real*>charlm_alloc_lines(<size_t>B * G * sizeof(real))
+        logits = <real*>charlm_alloc_lines(<size_t>B * V * sizeof(real))
         weight = <double*>malloc(<size_t>V * sizeof(double))
         ranked = <Ranked*>malloc(<size_t>V * sizeof(Ranked))
         if not (gates and hh and logits and weight and ranked):
@@ -1666,9 +1698,9 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
         free(bias_p)
         free(b_hh_p)
         free(peep_p)
-        free(gates)
-        free(hh)
-        free(logits)
+        charlm_free_lines(gates)
+        charlm_free_lines(hh)
+        charlm_free_lines(logits)
         free(weight)
         free(ranked)
 
@@ -1700,9 +1732,6 @@ cdef extern from "_team.h":
     long charlm_team_solos
     void charlm_publish(int* flag, int value) noexcept nogil
     void charlm_await(int* flag, int value) noexcept nogil
-    size_t charlm_whole_lines(size_t bytes) noexcept nogil
-    void* charlm_alloc_lines(size_t bytes) noexcept nogil
-    void charlm_free_lines(void* p) noexcept nogil
     int charlm_team_split(int H, int shares, int itemsize, int* u0, int* n) noexcept nogil
 
 
@@ -1842,7 +1871,7 @@ def gemv_layout_of(const real[:, ::1] W):
     """W (N outputs, K inputs) as the own GEMV reads it: W.T laid out in
     strips, a (K, N) array."""
     cdef int N = W.shape[0], K = W.shape[1]
-    out = np.empty((K, N), np.float32 if real is float else np.float64)
+    out = aligned_empty((K, N), np.float32 if real is float else np.float64)
     cdef real[:, ::1] laid_out = out
     with nogil:
         gemv_layout(K, N, &W[0, 0], &laid_out[0, 0])

@@ -47,9 +47,6 @@
 #define CHARLM_TEAM_H
 
 #include <stdlib.h>
-#ifdef _WIN32
-#include <malloc.h>         /* _aligned_malloc */
-#endif
 #include <string.h>
 #include "_fastmath.h"
 #include "_gemv.h"
@@ -205,40 +202,6 @@ static void charlm_team_play(charlm_team* team, int member)
         }
         u++;
     }
-}
-
-/* Memory the team's threads share, on cache lines of its own: 64-byte
- * aligned, the size rounded up to whole lines. From malloc, one member's
- * scratch could end on the line where the next allocation, another
- * member's, begins: each write by one then took the line from the other
- * (false sharing). With malloc's placement, a 2x128 GRU sampled at 181k or
- * 208k characters a second depending on where the heap happened to put the
- * blocks (Intel Xeon). Free with charlm_free_lines. */
-#define CHARLM_LINE 64
-
-static inline size_t charlm_whole_lines(size_t bytes)
-{
-    return (bytes + CHARLM_LINE - 1) / CHARLM_LINE * CHARLM_LINE;
-}
-
-static inline void* charlm_alloc_lines(size_t bytes)
-{
-    const size_t size = charlm_whole_lines(bytes ? bytes : 1);
-#ifndef _WIN32
-    void* p = NULL;
-    return posix_memalign(&p, CHARLM_LINE, size) == 0 ? p : NULL;
-#else
-    return _aligned_malloc(size, CHARLM_LINE);
-#endif
-}
-
-static inline void charlm_free_lines(void* p)
-{
-#ifndef _WIN32
-    free(p);
-#else
-    _aligned_free(p);
-#endif
 }
 
 /* A value one thread publishes and others wait for (the sampler's drawn id):
@@ -489,7 +452,7 @@ static void charlm_one_stream_free_##SUFFIX(charlm_one_stream_##SUFFIX* job)    
 {                                                                                 \
     for (int m = 0; m < CHARLM_TEAM_MAX; m++) {                                   \
         free(job->share[m].rows);                                                 \
-        free(job->share[m].laid_out);                                             \
+        charlm_free_lines(job->share[m].laid_out);                                \
     }                                                                             \
 }                                                                                 \
                                                                                   \
@@ -508,8 +471,8 @@ static int charlm_one_stream_shares_##SUFFIX(charlm_one_stream_##SUFFIX* job,   
         size_t width = (size_t)blocks * s->n;                                     \
         s->rows = (int*)malloc(width * sizeof(int));                              \
         /* laid_out, pre, hh, peep in one block */                                \
-        s->laid_out = (REAL*)malloc((H * width + width + 6 * (size_t)s->n)        \
-                                    * sizeof(REAL));                              \
+        s->laid_out = (REAL*)charlm_alloc_lines((H * width + width              \
+                                                 + 6 * (size_t)s->n) * sizeof(REAL));\
         if (s->rows == NULL || s->laid_out == NULL)                               \
             return -1;                                                            \
         s->pre = s->laid_out + H * width;                                         \

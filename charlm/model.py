@@ -158,23 +158,25 @@ class _LayerCache:
 
     def __init__(self, config, T, B):
         H, G, dtype = config.hidden, config.gates, config.np_dtype
-        self.gates = np.empty((T, B, G), dtype)     # activated gates (or pre-activations)
-        self.h = np.empty((T + 1, B, H), dtype)     # h[0] = initial state
+        # on cache lines (K.aligned_empty): the kernels' vector loads and
+        # stores on an array 16 bytes off the line each touched two lines
+        self.gates = K.aligned_empty((T, B, G), dtype)     # activated gates (or pre-activations)
+        self.h = K.aligned_empty((T + 1, B, H), dtype)     # h[0] = initial state
         self.output = self.h[1:]                    # what the next layer sees
         self.dropout_mask = None
         # backward buffers, allocated with the forward ones and reused
         # dL/d(gate pre-activations); the LSTM's backward writes them over its gates
-        self.dgates = self.gates if config.has_cell_state else np.empty((T, B, G), dtype)
-        self.dh_carry = np.empty((B, H), dtype)     # dL/dh flowing back through time
-        self.d_input = np.empty((T * B, H), dtype)  # dL/d(layer input) (unused for layer 0)
+        self.dgates = self.gates if config.has_cell_state else K.aligned_empty((T, B, G), dtype)
+        self.dh_carry = K.aligned_empty((B, H), dtype)     # dL/dh flowing back through time
+        self.d_input = K.aligned_empty((T * B, H), dtype)  # dL/d(layer input) (unused for layer 0)
         if config.has_cell_state:
-            self.c = np.empty((T + 1, B, H), dtype)
-            self.tanh_c = np.empty((T, B, H), dtype)
-            self.dc_carry = np.empty((B, H), dtype)
+            self.c = K.aligned_empty((T + 1, B, H), dtype)
+            self.tanh_c = K.aligned_empty((T, B, H), dtype)
+            self.dc_carry = K.aligned_empty((B, H), dtype)
         if config.cell == "gru":
-            self.hn = np.empty((T, B, H), dtype)
-            self.hh = np.empty((B, G), dtype)
-            self.dgates_h = np.empty((T, B, G), dtype)  # dL/d(W_hh h + b_hh)
+            self.hn = K.aligned_empty((T, B, H), dtype)
+            self.hh = K.aligned_empty((B, G), dtype)
+            self.dgates_h = K.aligned_empty((T, B, G), dtype)  # dL/d(W_hh h + b_hh)
 
 
 @dataclass
@@ -202,7 +204,7 @@ class Model:
         self.config = config
         self.params = init_parameters(config, seed) if params is None else params
         self._check_params()
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.grads = {k: K.aligned_zeros(v.shape, v.dtype) for k, v in self.params.items()}
         self._workspaces = {}
         self._current = None
 
@@ -492,10 +494,10 @@ class Model:
             c = self.config
             self._workspaces[key] = _Workspace(
                 [_LayerCache(c, T, B) for _ in range(c.layers)],
-                logits=np.empty((T * B, c.vocab_size), c.np_dtype),
-                d_top=np.empty((T * B, c.hidden), c.np_dtype),
-                W_ihT=np.empty((c.vocab_size, c.gates), c.np_dtype),
-                dW_ihT=np.empty((c.vocab_size, c.gates), c.np_dtype))
+                logits=K.aligned_empty((T * B, c.vocab_size), c.np_dtype),
+                d_top=K.aligned_empty((T * B, c.hidden), c.np_dtype),
+                W_ihT=K.aligned_empty((c.vocab_size, c.gates), c.np_dtype),
+                dW_ihT=K.aligned_empty((c.vocab_size, c.gates), c.np_dtype))
         self._current = self._workspaces[key]
         return self._current.caches
 

@@ -122,7 +122,7 @@ class FusedSampler:
         def laid_out(name):
             return K.sampler_layout(p[name], B)
         self._weights = (
-            np.ascontiguousarray(p["weight_ih_l0"].T),
+            K.aligned_copy(p["weight_ih_l0"].T),
             tuple(laid_out(f"weight_ih_l{k}") for k in range(1, L)),
             tuple(laid_out(f"weight_hh_l{k}") for k in range(L)),
             tuple(np.ascontiguousarray(model.projection_bias(k)) for k in range(L)),
@@ -221,11 +221,11 @@ def _team_shares(model, threads):
         # this share's rows of every gate block: [i | f | g | o] of its units
         rows = (np.arange(blocks)[:, None] * H + u0 + np.arange(n)).ravel()
         parts.append((
-            u0, n, np.ascontiguousarray(W_ihT[:, rows]),
+            u0, n, K.aligned_copy(W_ihT[:, rows]),
             tuple(rows_of(f"weight_ih_l{k}", rows) for k in range(1, L)),
             tuple(rows_of(f"weight_hh_l{k}", rows) for k in range(L)),
-            tuple(np.ascontiguousarray(model.projection_bias(k)[rows]) for k in range(L)),
-            tuple(np.ascontiguousarray(p[f"bias_hh_l{k}"][rows]) for k in range(L)),
+            tuple(K.aligned_copy(model.projection_bias(k)[rows]) for k in range(L)),
+            tuple(K.aligned_copy(p[f"bias_hh_l{k}"][rows]) for k in range(L)),
             tuple(np.ascontiguousarray(p[f"weight_peep_l{k}"][:, u0:u0 + n])
                   for k in range(L)) if peephole else ()))
     return parts

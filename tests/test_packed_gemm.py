@@ -229,3 +229,36 @@ def test_columns_of_a_power_of_two_wide_a_read_through_a_strip(dtype, M, Kd):
     exact = start.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
     assert np.all(np.abs(out - exact) <= _tolerance(a, b, dtype)
                   + 4 * np.finfo(dtype).eps * np.abs(exact)), (M, Kd)
+
+
+@pytest.mark.parametrize("shape, dtype", [((0,), np.float32), (3, np.float32), ((5, 7), np.float64),
+                                          ((2, 3, 129), np.float32)])
+def test_aligned_arrays_start_on_a_cache_line(shape, dtype):
+    """The kernels' buffers start on a 64-byte line: a vector load 16 bytes
+    off it touches two lines (see charlm_alloc_lines in _packed_gemm.h)."""
+    a = K.aligned_empty(shape, dtype)
+    expected = (shape,) if isinstance(shape, int) else shape
+    assert a.shape == expected and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data % 64 == 0 or a.size == 0      # nothing to align in an empty one
+    a[...] = 1
+    zeros = K.aligned_zeros(shape, dtype)
+    assert (zeros.ctypes.data % 64 == 0 or zeros.size == 0) and not zeros.any()
+    source = np.arange(12, dtype=dtype).reshape(3, 4).T       # not contiguous
+    copy = K.aligned_copy(source)
+    assert copy.ctypes.data % 64 == 0 and copy.flags.c_contiguous
+    np.testing.assert_array_equal(copy, source)
+
+
+def test_model_buffers_and_sampler_layouts_are_aligned():
+    from charlm.model import Config, Model
+    model = Model(Config(vocab_size=11, cell="lstm", hidden=24, layers=2), seed=0)
+    x = np.random.default_rng(0).integers(0, 11, (5, 3)).astype(np.int32)
+    model.loss_and_grads(x, x, model.zero_state(3))
+    workspace = model._current
+    arrays = [workspace.logits, workspace.d_top, workspace.W_ihT, workspace.dW_ihT]
+    for cache in workspace.caches:
+        arrays += [cache.gates, cache.h, cache.c, cache.tanh_c, cache.d_input, cache.dh_carry]
+    arrays += list(model.grads.values())
+    arrays.append(K.sampler_layout(model.params["weight_hh_l0"], 1))
+    arrays.append(K.sampler_layout(model.params["weight_hh_l0"], 4))
+    assert all(a.ctypes.data % 64 == 0 for a in arrays)
