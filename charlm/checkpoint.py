@@ -44,6 +44,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
+from . import _kernels as K
 from .errors import CharlmError, DataError, ModelFileError, UsageError
 from .model import Config, Model, parameter_shapes
 from .vocab import Vocabulary
@@ -321,7 +322,8 @@ def _read(path, reader):
     config, vocab, meta = _parse_metadata(path, reader.metadata())
     groups = _group_names(path, reader.keys())
     _check_model_tensors(path, reader, config, groups.pop(MODEL_PREFIX, {}))
-    params = {name: _read_tensor(path, reader, full_name)
+    # copied onto cache lines, as every array the kernels stream (K.aligned_copy)
+    params = {name: K.aligned_copy(_read_tensor(path, reader, full_name))
               for name, full_name in _model_names(config).items()}
     extra = {prefix: {name: _read_tensor(path, reader, full_name)
                       for name, full_name in names.items()}

@@ -132,7 +132,8 @@ def init_parameters(config, seed=0):
     if config.has_cell_state:
         for layer in range(config.layers):
             params[f"bias_ih_l{layer}"][H:2 * H] = 1.0
-    return params
+    # on cache lines, as every array the kernels stream (K.aligned_empty)
+    return {name: K.aligned_copy(p) for name, p in params.items()}
 
 
 def _orthogonal(rng, n):
@@ -264,7 +265,7 @@ class Model:
             if value.shape != expected[torch_key(name)]:
                 raise UsageError(f"{torch_key(name)} has shape {value.shape}, "
                                  f"expected {expected[torch_key(name)]}")
-            params[name] = np.ascontiguousarray(value, dtype=config.np_dtype)
+            params[name] = K.aligned_copy(np.asarray(value, dtype=config.np_dtype))
         return cls(config, params)
 
     # -- passes --------------------------------------------------------------

@@ -114,10 +114,11 @@ class Optimizer:
         # None means "not given": lets callers pass every CLI option through.
         chosen = {k: v for k, v in options.items() if v is not None}
         self.hyper = self._check_options({**self.DEFAULTS, **chosen})
-        self._state = {slot: {k: np.zeros_like(p) for k, p in params.items()}
+        # on cache lines, as the parameters (K.aligned_zeros)
+        self._state = {slot: {k: K.aligned_zeros(p.shape, p.dtype) for k, p in params.items()}
                        for slot in self.SLOTS}
-        self._scratch = ({k: np.empty_like(p) for k, p in params.items()} if self.USES_SCRATCH
-                         else dict.fromkeys(params))
+        self._scratch = ({k: K.aligned_empty(p.shape, p.dtype) for k, p in params.items()}
+                         if self.USES_SCRATCH else dict.fromkeys(params))
         self._l2 = None   # g + weight_decay * p, allocated once if ever needed
 
     # The learning rate changes every step (schedules), so it is validated on set.

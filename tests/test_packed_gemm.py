@@ -258,7 +258,12 @@ def test_model_buffers_and_sampler_layouts_are_aligned():
     arrays = [workspace.logits, workspace.d_top, workspace.W_ihT, workspace.dW_ihT]
     for cache in workspace.caches:
         arrays += [cache.gates, cache.h, cache.c, cache.tanh_c, cache.d_input, cache.dh_carry]
-    arrays += list(model.grads.values())
+    arrays += list(model.grads.values()) + list(model.params.values())
+    from charlm.optim import make_optimizer
+    optimiser = make_optimizer("adam", model.params, 1e-3)
+    arrays += [a for slot in optimiser._state.values() for a in slot.values()]
+    loaded = Model.from_torch_state_dict(model.torch_state_dict(), cell="lstm")
+    arrays += list(loaded.params.values())
     arrays.append(K.sampler_layout(model.params["weight_hh_l0"], 1))
     arrays.append(K.sampler_layout(model.params["weight_hh_l0"], 4))
     assert all(a.ctypes.data % 64 == 0 for a in arrays)
