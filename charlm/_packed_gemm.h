@@ -31,9 +31,6 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _WIN32
-#include <malloc.h>                     /* _aligned_malloc */
-#endif
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>                     /* sysconf, for the cache sizes */
 #endif
@@ -165,24 +162,30 @@ static inline size_t charlm_whole_lines(size_t bytes)
     return (bytes + CHARLM_LINE - 1) / CHARLM_LINE * CHARLM_LINE;
 }
 
+/* malloc's block, with the line-aligned address inside it and, just before
+ * that, where the block starts (for charlm_free_lines). Not posix_memalign:
+ * with glibc, its large blocks stayed in the heap, and training a 2x512
+ * LSTM peaked at 292 MB of resident memory against 238 with malloc. */
 static inline void* charlm_alloc_lines(size_t bytes)
 {
     const size_t size = charlm_whole_lines(bytes ? bytes : 1);
-#ifndef _WIN32
-    void* p = NULL;
-    return posix_memalign(&p, CHARLM_LINE, size) == 0 ? p : NULL;
-#else
-    return _aligned_malloc(size, CHARLM_LINE);
-#endif
+    char* block = (char*)malloc(size + CHARLM_LINE + sizeof(void*));
+    char* aligned;
+    if (block == NULL)
+        return NULL;
+    aligned = block + sizeof(void*);
+    aligned += (CHARLM_LINE - (size_t)aligned % CHARLM_LINE) % CHARLM_LINE;
+    memcpy(aligned - sizeof(void*), &block, sizeof block);
+    return aligned;
 }
 
 static inline void charlm_free_lines(void* p)
 {
-#ifndef _WIN32
-    free(p);
-#else
-    _aligned_free(p);
-#endif
+    void* block;
+    if (p == NULL)
+        return;
+    memcpy(&block, (char*)p - sizeof(void*), sizeof block);
+    free(block);
 }
 
 /* Vector types that may be loaded from any float-aligned address. */
