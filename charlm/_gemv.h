@@ -76,7 +76,7 @@ static inline int charlm_gemv_last_strip(int N, int strip, int lanes)
 #define CHARLM_DEFINE_GEMV(SUFFIX, REAL, VEC)                                    \
                                                                                   \
 /* y[0:width] += x @ Bt[:, 0:width], width = vecs*lanes + tail, Bt row-major      \
- * row-major with rows `width` apart (a strip of the layout). `vecs` and        \
+ * with rows `width` apart (a strip of the layout). `vecs` and                    \
  * `has_tail` are compile-time constants in every call (always inlined into a     \
  * switch), so the accumulators stay in registers. The tail (0 < tail < lanes    \
  * columns) is one more vector whose load runs into the next row; at the last     \
