@@ -64,11 +64,13 @@ static inline int charlm_gemv_strip_width(int N, int n0, int strip, int lanes)
     return left < strip ? left : strip;
 }
 
-/* The first column of the last strip: all before it are whole strips. */
+/* The first column of the last strip: all before it are whole strips, and
+ * it is less than two strips wide, so it starts at the last multiple of
+ * `strip` before N or at the one before that. */
 static inline int charlm_gemv_last_strip(int N, int strip, int lanes)
 {
-    int n0 = 0;
-    while (n0 + charlm_gemv_strip_width(N, n0, strip, lanes) < N)
+    int n0 = N > strip ? ((N - 1) / strip - 1) * strip : 0;
+    if (n0 + charlm_gemv_strip_width(N, n0, strip, lanes) < N)
         n0 += strip;
     return n0;
 }

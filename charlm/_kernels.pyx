@@ -201,6 +201,7 @@ def aligned_empty(shape, dtype):
 
 
 def aligned_zeros(shape, dtype):
+    """np.zeros(shape, dtype) on aligned memory (aligned_empty)."""
     out = aligned_empty(shape, dtype)
     out.fill(0)
     return out

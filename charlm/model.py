@@ -161,14 +161,14 @@ class _LayerCache:
         H, G, dtype = config.hidden, config.gates, config.np_dtype
         # on cache lines (K.aligned_empty): the kernels' vector loads and
         # stores on an array 16 bytes off the line each touched two lines
-        self.gates = K.aligned_empty((T, B, G), dtype)     # activated gates (or pre-activations)
-        self.h = K.aligned_empty((T + 1, B, H), dtype)     # h[0] = initial state
-        self.output = self.h[1:]                    # what the next layer sees
+        self.gates = K.aligned_empty((T, B, G), dtype)  # activated gates (or pre-activations)
+        self.h = K.aligned_empty((T + 1, B, H), dtype)  # h[0] = initial state
+        self.output = self.h[1:]  # what the next layer sees
         self.dropout_mask = None
         # backward buffers, allocated with the forward ones and reused
         # dL/d(gate pre-activations); the LSTM's backward writes them over its gates
         self.dgates = self.gates if config.has_cell_state else K.aligned_empty((T, B, G), dtype)
-        self.dh_carry = K.aligned_empty((B, H), dtype)     # dL/dh flowing back through time
+        self.dh_carry = K.aligned_empty((B, H), dtype)  # dL/dh flowing back through time
         self.d_input = K.aligned_empty((T * B, H), dtype)  # dL/d(layer input) (unused for layer 0)
         if config.has_cell_state:
             self.c = K.aligned_empty((T + 1, B, H), dtype)

@@ -125,7 +125,7 @@ class FusedSampler:
             K.aligned_copy(p["weight_ih_l0"].T),
             tuple(laid_out(f"weight_ih_l{k}") for k in range(1, L)),
             tuple(laid_out(f"weight_hh_l{k}") for k in range(L)),
-            tuple(np.ascontiguousarray(model.projection_bias(k)) for k in range(L)),
+            tuple(K.aligned_copy(model.projection_bias(k)) for k in range(L)),
             tuple(p[f"bias_hh_l{k}"] for k in range(L)),
             laid_out("out.weight"), p["out.bias"])
         self._peep = tuple(p[f"weight_peep_l{k}"] for k in range(L)) \
