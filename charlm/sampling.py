@@ -131,6 +131,7 @@ class FusedSampler:
         self._peep = tuple(p[f"weight_peep_l{k}"] for k in range(L)) \
             if config.cell == "lstm-peephole" else ()
         self._shares = _team_shares(model, _team_threads(config)) if B == 1 else None
+        self._mirrored = None     # the team's GRU order: by size (sample_steps_team)
         self.h = np.array(state.h, dtype, order="C")
         self.c = (np.array(state.c, dtype, order="C") if self._has_c
                   else np.empty((0, 0, 0), dtype))
@@ -159,7 +160,7 @@ class FusedSampler:
         if self._shares:
             W_out, b_out = self._weights[-2:]
             K.sample_steps_team(self.cell, self._shares, W_out, b_out, self.h, self.c,
-                                prev_ids, uniforms, ids, *decoding)
+                                prev_ids, uniforms, ids, *decoding, mirrored=self._mirrored)
         else:
             K.sample_steps(self.cell, *self._weights, self.h, self.c, prev_ids, uniforms, ids,
                            *decoding, self._peep)

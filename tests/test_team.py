@@ -230,6 +230,40 @@ def test_team_sampler_draws_what_one_thread_draws(cell, dtype, threads):
         np.testing.assert_array_equal(team.c, alone.c)
 
 
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("mirrored", [False, True])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_gru_team_in_either_order_draws_what_one_thread_draws(layers, mirrored, threads):
+    """The GRU team's W_hh products done early, in the same or mirrored orders
+    at alternate characters (and the matrices read in either direction): the
+    same sums, so the same ids and state as one thread, over calls of odd and
+    even lengths (each call starts over on an even character)."""
+    model = Model(Config(vocab_size=23, cell="gru", hidden=64, layers=layers), seed=layers)
+    rng = np.random.default_rng(7)
+    for name, p in model.params.items():
+        if "bias" in name:
+            p[...] = rng.normal(0, 0.5, p.shape)
+    state = model.zero_state(1)
+    state.h[...] = rng.normal(0, 0.5, state.h.shape)
+    alone, team = FusedSampler(model, state), FusedSampler(model, state)
+    alone._shares = None
+    team._shares = sampling._team_shares(model, threads)
+    team._mirrored = mirrored
+    expected = _sample_in_calls(alone, [1, 2, 7, 10], dict(temperature=1.3))
+    got = _sample_in_calls(team, [1, 2, 7, 10], dict(temperature=1.3))
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(team.h, alone.h)
+
+
+def test_large_gru_teams_take_the_mirrored_order():
+    """Shares of more than 1 MB of weight matrices: 2x256 and up, not 2x128."""
+    assert not K.gru_team_mirrors(128, 2, 64, 4)       # 3 x 128x192 floats: 288 KB
+    assert K.gru_team_mirrors(256, 2, 128, 4)          # 1.2 MB
+    assert K.gru_team_mirrors(512, 1, 256, 4)          # 1.5 MB
+    assert not K.gru_team_mirrors(256, 1, 128, 4)      # 393 KB
+
+
 def test_team_sampler_follows_the_model_past_the_size_limit():
     """A GRU whose W_hh sample_steps sends to BLAS: the team's own GEMV sums
     in another order, so the distributions agree to round-off."""
