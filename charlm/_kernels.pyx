@@ -1752,8 +1752,17 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
 # Xeon, 2026-12-06). A small model's shares sit in L2 whatever the order, and
 # on odd characters the other shares would no longer have a product to do
 # while share 0 draws: 2x128 GRU 3% slower. So the mirrored order is for
-# shares of more than MIRROR_MIN_SHARE_BYTES of weights.
-DEF MIRROR_MIN_SHARE_BYTES = 1 << 20
+# shares of more than STREAMED_SHARE_BYTES of weights.
+#
+# Such shares have W_out evicted too by the next character's draw, and share 0
+# read it alone from L3 (133 KB for 65 characters and 512 units: 4.6 us of a
+# 2x512 GRU's ~126 us per character) while the others waited for the id. With
+# a split output each share adds its units' part of the logits, W_out[:, its
+# units] @ h_top[its units], as soon as it has updated them, and share 0 sums
+# the parts for the draw (the logits then differ from one thread's by
+# round-off: their sums are cut in two). Small models keep the one sum, the
+# same as one thread's, to the last bit.
+DEF STREAMED_SHARE_BYTES = 1 << 20
 
 cdef extern from "_team.h":
     ctypedef void (*charlm_team_task)(void* job, int share, int t) noexcept nogil
@@ -1777,6 +1786,8 @@ cdef struct SamplerShare:
     const void** bias          # L of (width,)
     const void** b_hh          # L of (width,) (the GRU's)
     const void** peep          # L of (3, n), or NULL
+    const void* W_out          # (n, V): its units' columns of W_out, laid out for gemv
+    void* logits               # (V,): their part of the logits (split output)
     void* gates                # (width,) scratch
     void* hh                   # (L, width): the GRU's W_hh h + b_hh, layer by
                                # layer (the LSTM's scratch: the first)
@@ -1785,6 +1796,7 @@ cdef struct SamplerShare:
 cdef struct TeamSampling:
     int cell, L, H, V, blocks, shares, steps
     bint mirrored              # the GRU's products in mirrored orders (see above)
+    bint split_output          # the logits summed from the shares' parts (see above)
     void* h                    # (2, L, H): the state, double-buffered
     void* c                    # (L, H), the LSTM's cell state (unit by unit: in place)
     const void* W_out          # as sampler_layout gives it for one stream
@@ -1817,6 +1829,13 @@ cdef inline void _team_recurrent(real* tag, TeamSampling* job, SamplerShare* sh,
     cdef real* hh = _team_hh(tag, job, sh, layer)
     memcpy(hh, sh.b_hh[layer], width * sizeof(real))
     gemv_dir(job.H, width, h_prev, <const real*>sh.W_hh[layer], hh, backwards)
+
+
+cdef inline void _team_output_part(real* tag, TeamSampling* job, SamplerShare* sh,
+                                   const real* h_top) noexcept nogil:
+    """The share's part of the logits: W_out[:, units] @ h_top[units]   (V,)."""
+    memset(sh.logits, 0, job.V * sizeof(real))
+    gemv(sh.n, job.V, h_top + sh.u0, <const real*>sh.W_out, <real*>sh.logits)
 
 
 cdef void _team_gru_layer(real* tag, TeamSampling* job, int share, int s, int layer) noexcept nogil:
@@ -1865,6 +1884,8 @@ cdef void _team_gru_layer(real* tag, TeamSampling* job, int share, int s, int la
             _team_recurrent(tag, job, sh, top, h_old + <size_t>top * H, backwards)
     gru_units(n, gates, _team_hh(tag, job, sh, layer), h_old + <size_t>layer * H + u0,
               h_new + <size_t>layer * H + u0)
+    if layer == top and job.split_output:
+        _team_output_part(tag, job, sh, h_new + <size_t>top * H)
 
 
 cdef void _team_layer(real* tag, TeamSampling* job, int share, int s, int layer) noexcept nogil:
@@ -1903,6 +1924,8 @@ cdef void _team_layer(real* tag, TeamSampling* job, int share, int s, int layer)
     else:
         for j in range(n):
             h_new[u0 + j] = tanh_(gates[j])
+    if layer == L - 1 and job.split_output:
+        _team_output_part(tag, job, sh, h_new)   # h_new: the top layer's row
 
 
 cdef void _team_draw(real* tag, TeamSampling* job, int s) noexcept nogil:
@@ -1910,9 +1933,18 @@ cdef void _team_draw(real* tag, TeamSampling* job, int s) noexcept nogil:
     cdef int L = job.L, H = job.H, V = job.V
     cdef const real* h_top = <real*>job.h + (<size_t>((s + 1) & 1) * L + L - 1) * H
     cdef real* logits = <real*>job.logits
+    cdef const real* part
+    cdef int m, k
     memcpy(logits, job.b_out, V * sizeof(real))
-    # logits = h_top @ W_out.T + b_out       (V,) += (H,) @ (H,V)
-    times_weight(1, V, H, h_top, <const real*>job.W_out, logits)
+    if job.split_output:
+        # logits = b_out + the shares' parts, in order
+        for m in range(job.shares):
+            part = <const real*>job.share[m].logits
+            for k in range(V):
+                logits[k] += part[k]
+    else:
+        # logits = h_top @ W_out.T + b_out       (V,) += (H,) @ (H,V)
+        times_weight(1, V, H, h_top, <const real*>job.W_out, logits)
     job.ids[s] = _pick(logits, V, job.temperature, job.top_k, job.top_p, job.argmax,
                        job.uniforms[s], job.weight, job.ranked,
                        job.probs + <size_t>s * V if job.probs != NULL else NULL)
@@ -2018,12 +2050,12 @@ cdef void _share_pointers(SamplerShare* sh, tuple parts, int start, int L, int b
                           int V, int H, bint peephole, list keep,
                           const real* tag) except *:
     """Fill sh from one share's parts (u0, n, W_ihT, W_ih, W_hh, bias, b_hh,
-    peep; see FusedSampler), checked; start: where the previous share ended.
-    Allocates sh.W_ih (all the pointer tables) and the scratch, which the
-    caller frees."""
+    peep, W_out; see sample_steps_team), checked; start: where the previous
+    share ended. Allocates sh.W_ih (all the pointer tables) and the scratch,
+    which the caller frees."""
     cdef int n, width, k
-    _require(len(parts) == 8, "sample_steps_team: a share has 8 parts")
-    u0, n, W_ihT, W_ih, W_hh, bias, b_hh, peep = parts
+    _require(len(parts) == 9, "sample_steps_team: a share has 9 parts")
+    u0, n, W_ihT, W_ih, W_hh, bias, b_hh, peep, W_out = parts
     _require(u0 == start and n >= 1 and u0 + n <= H,
              "sample_steps_team: the shares must cover the units in order")
     _require(len(W_ih) == L - 1 and len(W_hh) == L and len(bias) == L and len(b_hh) == L
@@ -2033,12 +2065,14 @@ cdef void _share_pointers(SamplerShare* sh, tuple parts, int start, int L, int b
     # on lines of their own: the other members write theirs (charlm_alloc_lines)
     sh.W_ih = <const void**>charlm_alloc_lines(5 * L * sizeof(void*))
     sh.gates = charlm_alloc_lines((1 + <size_t>L) * width * sizeof(real))
-    if sh.W_ih == NULL or sh.gates == NULL:
+    sh.logits = charlm_alloc_lines(V * sizeof(real))
+    if sh.W_ih == NULL or sh.gates == NULL or sh.logits == NULL:
         raise MemoryError()
     sh.hh = <real*>sh.gates + width
     sh.W_hh, sh.bias, sh.b_hh = sh.W_ih + L, sh.W_ih + 2 * L, sh.W_ih + 3 * L
     sh.peep = sh.W_ih + 4 * L if peephole else NULL
     sh.W_ihT = _checked(W_ihT, V, width, "W_ihT", keep, tag)
+    sh.W_out = _checked(W_out, n, V, "W_out", keep, tag)
     for k in range(L):
         if k > 0:
             sh.W_ih[k - 1] = _checked(W_ih[k - 1], H, width, "W_ih", keep, tag)
@@ -2049,11 +2083,13 @@ cdef void _share_pointers(SamplerShare* sh, tuple parts, int start, int L, int b
             sh.peep[k] = _checked(peep[k], 3, n, "peep", keep, tag)
 
 
-def gru_team_mirrors(int H, int L, int n, int itemsize):
-    """Whether a GRU's team, its first share n of the H units of each of L
-    layers, takes the mirrored orders: when that share's weight matrices
-    hold more than MIRROR_MIN_SHARE_BYTES (see above)."""
-    return (2 * L - 1) * <size_t>H * 3 * n * itemsize > MIRROR_MIN_SHARE_BYTES
+def team_streams(int H, int L, int blocks, int n, int itemsize):
+    """Whether a team's shares stream their weights from L3 at every
+    character (so that a GRU's team takes the mirrored orders, and every team
+    splits the output layer; see above): when the first share, n of the H
+    units of each of L layers with `blocks` gate rows per unit, holds more
+    than STREAMED_SHARE_BYTES of weight matrices."""
+    return (2 * L - 1) * <size_t>H * blocks * n * itemsize > STREAMED_SHARE_BYTES
 
 
 def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
@@ -2061,22 +2097,25 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
                       const int[::1] prev_ids, const double[:, ::1] uniforms,
                       int[:, ::1] ids, double temperature=1.0, int top_k=0,
                       double top_p=1.0, bint argmax=False, double[:, :, ::1] probs=None,
-                      mirrored=None):
+                      mirrored=None, split_output=None):
     """sample_steps for one stream on a team of len(shares) threads (see above).
 
-    shares: per thread, (u0, n, W_ihT, W_ih, W_hh, bias, b_hh, peep): its
-    units [u0, u0 + n) and, for its width = gates-per-unit * n gate rows
+    shares: per thread, (u0, n, W_ihT, W_ih, W_hh, bias, b_hh, peep, W_out):
+    its units [u0, u0 + n) and, for its width = gates-per-unit * n gate rows
     (each gate block's rows of those units, block by block), the first
     layer's input rows (V, width), the upper layers' W_ih and every layer's
     W_hh rows laid out by gemv_layout_of ((H, width) each), the biases'
-    slices (width,) and, for "lstm-peephole", the peephole weights (3, n).
+    slices (width,), for "lstm-peephole" the peephole weights (3, n), and
+    its units' columns of the output weights, W_out[:, u0:u0 + n] laid out
+    by gemv_layout_of ((n, V)).
     The rest as for sample_steps, with B = 1. mirrored: whether a GRU's
-    products go in mirrored orders (None: when a share's weights are larger
-    than MIRROR_MIN_SHARE_BYTES); the ids are the same either way.
+    products go in mirrored orders (the same sums either way); split_output:
+    whether the logits are summed from the shares' parts (round-off apart,
+    the same); None: when the shares stream (team_streams).
     """
     cdef int L = h.shape[0], H = h.shape[2], V = b_out.shape[0]
     cdef int steps = ids.shape[0], code, per_unit, S = len(shares), k, start = 0
-    cdef bint lstm
+    cdef bint lstm, streams
     cdef TeamSampling* job = NULL
     cdef list keep = []
     cdef real* state = NULL
@@ -2116,9 +2155,9 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
                             code == CELL_LSTM_PEEPHOLE, keep, &W_out[0, 0])
             start += job.share[k].n
         _require(start == H, "sample_steps_team: the shares must cover the units")
-        if mirrored is None:
-            mirrored = gru_team_mirrors(H, L, job.share[0].n, sizeof(real))
-        job.mirrored = code == CELL_GRU and mirrored
+        streams = team_streams(H, L, per_unit, job.share[0].n, sizeof(real))
+        job.mirrored = code == CELL_GRU and (streams if mirrored is None else mirrored)
+        job.split_output = streams if split_output is None else split_output
         # h's two buffers, the LSTM's c, then the logits (share 0's), each
         # from a line of its own: the members write h and c unit by unit
         h_bytes = charlm_whole_lines(2 * <size_t>L * H * sizeof(real))
@@ -2152,6 +2191,7 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
         for k in range(S):
             charlm_free_lines(job.share[k].W_ih)
             charlm_free_lines(job.share[k].gates)
+            charlm_free_lines(job.share[k].logits)
         charlm_free_lines(state)
         charlm_free_lines(job.drawn)
         free(job.weight)

@@ -131,7 +131,8 @@ class FusedSampler:
         self._peep = tuple(p[f"weight_peep_l{k}"] for k in range(L)) \
             if config.cell == "lstm-peephole" else ()
         self._shares = _team_shares(model, _team_threads(config)) if B == 1 else None
-        self._mirrored = None     # the team's GRU order: by size (sample_steps_team)
+        # the team's GRU order and output layer: by size (sample_steps_team)
+        self._mirrored = self._split_output = None
         self.h = np.array(state.h, dtype, order="C")
         self.c = (np.array(state.c, dtype, order="C") if self._has_c
                   else np.empty((0, 0, 0), dtype))
@@ -160,7 +161,8 @@ class FusedSampler:
         if self._shares:
             W_out, b_out = self._weights[-2:]
             K.sample_steps_team(self.cell, self._shares, W_out, b_out, self.h, self.c,
-                                prev_ids, uniforms, ids, *decoding, mirrored=self._mirrored)
+                                prev_ids, uniforms, ids, *decoding, mirrored=self._mirrored,
+                                split_output=self._split_output)
         else:
             K.sample_steps(self.cell, *self._weights, self.h, self.c, prev_ids, uniforms, ids,
                            *decoding, self._peep)
@@ -228,7 +230,8 @@ def _team_shares(model, threads):
             tuple(K.aligned_copy(model.projection_bias(k)[rows]) for k in range(L)),
             tuple(K.aligned_copy(p[f"bias_hh_l{k}"][rows]) for k in range(L)),
             tuple(np.ascontiguousarray(p[f"weight_peep_l{k}"][:, u0:u0 + n])
-                  for k in range(L)) if peephole else ()))
+                  for k in range(L)) if peephole else (),
+            K.gemv_layout_of(np.ascontiguousarray(p["out.weight"][:, u0:u0 + n]))))
     return parts
 
 

@@ -248,7 +248,7 @@ def test_gru_team_in_either_order_draws_what_one_thread_draws(layers, mirrored, 
     alone, team = FusedSampler(model, state), FusedSampler(model, state)
     alone._shares = None
     team._shares = sampling._team_shares(model, threads)
-    team._mirrored = mirrored
+    team._mirrored, team._split_output = mirrored, False
     expected = _sample_in_calls(alone, [1, 2, 7, 10], dict(temperature=1.3))
     got = _sample_in_calls(team, [1, 2, 7, 10], dict(temperature=1.3))
     np.testing.assert_array_equal(got[0], expected[0])
@@ -256,12 +256,36 @@ def test_gru_team_in_either_order_draws_what_one_thread_draws(layers, mirrored, 
     np.testing.assert_array_equal(team.h, alone.h)
 
 
-def test_large_gru_teams_take_the_mirrored_order():
-    """Shares of more than 1 MB of weight matrices: 2x256 and up, not 2x128."""
-    assert not K.gru_team_mirrors(128, 2, 64, 4)       # 3 x 128x192 floats: 288 KB
-    assert K.gru_team_mirrors(256, 2, 128, 4)          # 1.2 MB
-    assert K.gru_team_mirrors(512, 1, 256, 4)          # 1.5 MB
-    assert not K.gru_team_mirrors(256, 1, 128, 4)      # 393 KB
+@pytest.mark.parametrize("cell", ["lstm", "lstm-peephole", "gru", "rnn", "rnn-relu"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_team_with_a_split_output_layer_draws_what_one_thread_draws(cell, threads):
+    """The logits summed from the shares' parts: equal to one thread's to
+    round-off (the same ids, so the same state)."""
+    model = _sampling_model(cell, 64, "float64", seed=threads)
+    state = model.zero_state(1)
+    state.h[...] = np.random.default_rng(2).normal(0, 0.5, state.h.shape)
+    alone, team = FusedSampler(model, state), FusedSampler(model, state)
+    alone._shares = None
+    team._shares = sampling._team_shares(model, threads)
+    team._split_output = True
+    for decoding in SAMPLING_DECODINGS:
+        expected = _sample_in_calls(alone, [1, 8, 11], decoding)
+        got = _sample_in_calls(team, [1, 8, 11], decoding)
+        np.testing.assert_array_equal(got[0], expected[0], err_msg=str(decoding))
+        np.testing.assert_allclose(got[1], expected[1], rtol=1e-12, atol=1e-15)
+        assert not np.array_equal(got[1], expected[1]) or decoding.get("argmax")
+    np.testing.assert_array_equal(team.h, alone.h)
+
+
+def test_which_teams_stream_their_weights():
+    """Shares of more than 1 MB of weight matrices: they take the mirrored
+    order (GRU) and the split output layer."""
+    assert not K.team_streams(128, 2, 3, 64, 4)       # GRU 2x128: 3 x 128x192 floats, 288 KB
+    assert K.team_streams(256, 2, 3, 128, 4)          # GRU 2x256: 1.2 MB
+    assert K.team_streams(512, 1, 3, 256, 4)          # GRU 1x512: 1.5 MB
+    assert not K.team_streams(256, 1, 3, 128, 4)      # 393 KB
+    assert not K.team_streams(128, 2, 4, 64, 4)       # LSTM 2x128: 384 KB
+    assert K.team_streams(512, 2, 1, 256, 4)          # RNN 2x512: 1.5 MB
 
 
 def test_team_sampler_follows_the_model_past_the_size_limit():
