@@ -233,12 +233,14 @@ def test_team_sampler_draws_what_one_thread_draws(cell, dtype, threads):
 @pytest.mark.parametrize("layers", [1, 2, 3])
 @pytest.mark.parametrize("mirrored", [False, True])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_gru_team_in_either_order_draws_what_one_thread_draws(layers, mirrored, threads):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gru_team_in_either_order_draws_what_one_thread_draws(layers, mirrored, threads, dtype):
     """The GRU team's W_hh products done early, in the same or mirrored orders
     at alternate characters (and the matrices read in either direction): the
     same sums, so the same ids and state as one thread, over calls of odd and
     even lengths (each call starts over on an even character)."""
-    model = Model(Config(vocab_size=23, cell="gru", hidden=64, layers=layers), seed=layers)
+    model = Model(Config(vocab_size=23, cell="gru", hidden=64, layers=layers, dtype=dtype),
+                  seed=layers)
     rng = np.random.default_rng(7)
     for name, p in model.params.items():
         if "bias" in name:
