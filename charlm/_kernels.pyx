@@ -1735,24 +1735,30 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
 # the ids are the same, to the last bit, as long as sample_steps multiplies
 # by its own GEMV too (matrices up to OWN_GEMV_MAX_BYTES).
 #
-# A large GRU's shares do not fit a core's L2 (a 2x512 GRU: 4.7 MB per share
-# of two, against 2 MB of L2 on the Intel Xeon): each character streams them
-# from L3, which gives one core ~29 GB/s however the loads are prefetched
-# (C harness). A cache that keeps the most recently used lines keeps none of
-# a stream larger than itself read in the same order at every character; read
-# in the opposite order (and each matrix in the opposite direction) the next
-# character starts with what the last one read last, still in L2. The GRU's
-# W_hh h_{t-1} + b_hh is its own sum (not added onto the input product), so
-# it can be done as soon as h_{t-1} is complete, and the products of a 2-layer
-# GRU then fall in mirrored orders (W_hh0 is layer 0's, W_ih1 layer 1's):
+# A large model's shares do not fit a core's L2 (a 2x512 GRU: 4.7 MB per
+# share of two, against 2 MB of L2 on the Intel Xeon): each character streams
+# them from L3, which gives one core ~29 GB/s however the loads are
+# prefetched (C harness). A cache that keeps the most recently used lines
+# keeps none of a stream larger than itself read in the same order at every
+# character; read in the opposite order (and each matrix in the opposite
+# direction) the next character starts with what the last one read last,
+# still in L2. A layer's W_hh h_{t-1} needs only h_{t-1}, so it can be done
+# ahead, as soon as h_{t-1} is complete (_team_layer_ahead), and the products
+# of a 2-layer model then fall in mirrored orders (W_hh0 is layer 0's, W_ih1
+# layer 1's):
 #   even characters:  pass 0: W_hh1 (this character's) | pass 1: W_ih1, W_hh0 (the next's)
 #   odd characters:   pass 0: -                       | pass 1: W_hh0 (the next's), W_ih1, W_hh1
-# (_team_gru_layer; with more layers only every other character's boundary
-# mirrors). 2x512 GRU, 2 threads: 5,750 -> 7,900-8,000 characters/s (Intel
-# Xeon, 2026-12-06). A small model's shares sit in L2 whatever the order, and
-# on odd characters the other shares would no longer have a product to do
-# while share 0 draws: 2x128 GRU 3% slower. So the mirrored order is for
-# shares of more than STREAMED_SHARE_BYTES of weights.
+# (with more layers only every other character's boundary mirrors). The
+# GRU's W_hh h + b_hh is a term of its own, summed as by one thread; the
+# LSTM's and RNN's W_hh h then is a sum of its own too, added to bias + W_ih x
+# (one thread sums it onto them: round-off apart, the same). 2 threads, Intel
+# Xeon, 2026-12-06: 2x512 GRU 5,750 -> 7,900-8,000 characters/s. A small
+# model's shares sit in L2 whatever the order, and on odd characters the
+# other shares would no longer have a product to do while share 0 draws:
+# 2x128 GRU 3% slower. So the mirrored orders are for shares of more than
+# STREAMED_SHARE_BYTES of weights (the GRU's smaller teams still do W_hh
+# ahead, in one order: the same sums, and its shares' W_hh product still
+# overlaps the draw).
 #
 # Such shares have W_out evicted too by the next character's draw, and share 0
 # read it alone from L3 (133 KB for 65 characters and 512 units: 4.6 us of a
@@ -1789,13 +1795,13 @@ cdef struct SamplerShare:
     const void* W_out          # (n, V): its units' columns of W_out, laid out for gemv
     void* logits               # (V,): their part of the logits (split output)
     void* gates                # (width,) scratch
-    void* hh                   # (L, width): the GRU's W_hh h + b_hh, layer by
-                               # layer (the LSTM's scratch: the first)
+    void* hh                   # (L, width): W_hh h_{t-1} done ahead, layer by layer
+    void* scratch              # (width,): the LSTM's tanh(c)
 
 
 cdef struct TeamSampling:
     int cell, L, H, V, blocks, shares, steps
-    bint mirrored              # the GRU's products in mirrored orders (see above)
+    bint mirrored              # the products in mirrored orders (see above)
     bint split_output          # the logits summed from the shares' parts (see above)
     void* h                    # (2, L, H): the state, double-buffered
     void* c                    # (L, H), the LSTM's cell state (unit by unit: in place)
@@ -1816,19 +1822,25 @@ cdef struct TeamSampling:
     SamplerShare share[SAMPLER_TEAM_MAX]
 
 
-cdef inline real* _team_hh(real* tag, TeamSampling* job, SamplerShare* sh,
-                           int layer) noexcept nogil:
-    """The share's W_hh h + b_hh of a GRU layer, (width,): one buffer per layer."""
+cdef inline real* _team_ahead(real* tag, TeamSampling* job, SamplerShare* sh,
+                              int layer) noexcept nogil:
+    """The share's W_hh h_{t-1} of a layer, computed ahead of the layer
+    (_team_recurrent), (width,): one buffer per layer."""
     return <real*>sh.hh + <size_t>layer * job.blocks * sh.n
 
 
 cdef inline void _team_recurrent(real* tag, TeamSampling* job, SamplerShare* sh, int layer,
                                  const real* h_prev, bint backwards) noexcept nogil:
-    """hh = W_hh h_prev + b_hh for the share's units of a GRU layer  (width,)."""
+    """ahead = W_hh h_prev for the share's units of a layer  (width,), plus
+    b_hh for the GRU (whose W_hh h + b_hh is a term of its own, as one thread
+    sums it)."""
     cdef int width = job.blocks * sh.n
-    cdef real* hh = _team_hh(tag, job, sh, layer)
-    memcpy(hh, sh.b_hh[layer], width * sizeof(real))
-    gemv_dir(job.H, width, h_prev, <const real*>sh.W_hh[layer], hh, backwards)
+    cdef real* ahead = _team_ahead(tag, job, sh, layer)
+    if job.cell == CELL_GRU:
+        memcpy(ahead, sh.b_hh[layer], width * sizeof(real))
+    else:
+        memset(ahead, 0, width * sizeof(real))
+    gemv_dir(job.H, width, h_prev, <const real*>sh.W_hh[layer], ahead, backwards)
 
 
 cdef inline void _team_output_part(real* tag, TeamSampling* job, SamplerShare* sh,
@@ -1838,23 +1850,26 @@ cdef inline void _team_output_part(real* tag, TeamSampling* job, SamplerShare* s
     gemv(sh.n, job.V, h_top + sh.u0, <const real*>sh.W_out, <real*>sh.logits)
 
 
-cdef void _team_gru_layer(real* tag, TeamSampling* job, int share, int s, int layer) noexcept nogil:
-    """Layer `layer` of character s of a GRU, for one share's units, on the
-    schedule that reads each character's matrices in the reverse order of the
-    last's (see above): its own W_hh product waits for no one, so it is done
-    early, right after the state it multiplies is complete."""
+cdef void _team_layer_ahead(real* tag, TeamSampling* job, int share, int s,
+                            int layer) noexcept nogil:
+    """Layer `layer` of character s, for one share's units, with each W_hh
+    product done ahead, right after the state it multiplies is complete (see
+    above): the GRU's always (the same sums as one thread); the LSTM's and
+    RNN's when the orders mirror, as a sum of its own then added to the
+    input product's (round-off apart, the same)."""
     cdef SamplerShare* sh = &job.share[share]
     cdef int L = job.L, H = job.H, n = sh.n, u0 = sh.u0, width = job.blocks * sh.n, j
     cdef int top = L - 1
     cdef real* h_old = <real*>job.h + <size_t>(s & 1) * L * H       # (L, H): s - 1
     cdef real* h_new = <real*>job.h + <size_t>((s + 1) & 1) * L * H  # (L, H): s
     cdef real* gates = <real*>sh.gates
+    cdef real* ahead = _team_ahead(tag, job, sh, layer)
     cdef const real* bias = <const real*>sh.bias[layer]
     cdef const real* row
     cdef bint backwards = job.mirrored and s & 1
     cdef int feed
     if layer == 0:
-        # hh_0 of this character: in the last's pass 1, but for the first
+        # ahead_0 of this character: in the last's pass 1, but for the first
         # character (or with one layer); the top layer's here every other one
         if L == 1 or s == 0:
             _team_recurrent(tag, job, sh, 0, h_old, backwards)
@@ -1882,21 +1897,44 @@ cdef void _team_gru_layer(real* tag, TeamSampling* job, int share, int s, int la
             _team_recurrent(tag, job, sh, layer, h_old + <size_t>layer * H, backwards)
         if layer == top and backwards:
             _team_recurrent(tag, job, sh, top, h_old + <size_t>top * H, backwards)
-    gru_units(n, gates, _team_hh(tag, job, sh, layer), h_old + <size_t>layer * H + u0,
-              h_new + <size_t>layer * H + u0)
+    if job.cell == CELL_GRU:
+        gru_units(n, gates, ahead, h_old + <size_t>layer * H + u0,
+                  h_new + <size_t>layer * H + u0)
+    else:
+        for j in range(width):          # gates += W_hh h_{t-1}
+            gates[j] += ahead[j]
+        _team_units(tag, job, sh, layer, gates, h_new + <size_t>layer * H)
     if layer == top and job.split_output:
         _team_output_part(tag, job, sh, h_new + <size_t>top * H)
 
 
+cdef inline void _team_units(real* tag, TeamSampling* job, SamplerShare* sh, int layer,
+                             real* gates, real* h_new) noexcept nogil:
+    """The LSTM's or RNN's units of the share from their pre-activations:
+    writes its units of h_new (H,), a layer's row, and of the LSTM's c."""
+    cdef int n = sh.n, u0 = sh.u0, j
+    cdef real* c
+    if job.cell == CELL_LSTM or job.cell == CELL_LSTM_PEEPHOLE:
+        c = <real*>job.c + <size_t>layer * job.H + u0
+        lstm_units(n, gates, c, c, <real*>sh.scratch, h_new + u0,
+                   <const real*>sh.peep[layer] if sh.peep != NULL else NULL)
+    elif job.cell == CELL_RNN_RELU:
+        for j in range(n):
+            h_new[u0 + j] = gates[j] if gates[j] > 0 else 0
+    else:
+        for j in range(n):
+            h_new[u0 + j] = tanh_(gates[j])
+
+
 cdef void _team_layer(real* tag, TeamSampling* job, int share, int s, int layer) noexcept nogil:
-    """Layer `layer` of character s, for one share's units: LSTM and RNN (whose
-    W_hh h is summed onto W_ih x + bias, in the order of the training forward)."""
+    """Layer `layer` of character s, for one share's units: the LSTM and RNN
+    of a small model, W_hh h summed onto W_ih x + bias in the one thread's
+    order (the training forward's), so that the sums are the same."""
     cdef SamplerShare* sh = &job.share[share]
-    cdef int L = job.L, H = job.H, n = sh.n, u0 = sh.u0, width = job.blocks * sh.n, j
+    cdef int L = job.L, H = job.H, width = job.blocks * sh.n, j
     cdef real* h_old = <real*>job.h + (<size_t>(s & 1) * L + layer) * H
     cdef real* h_new = <real*>job.h + (<size_t>((s + 1) & 1) * L + layer) * H
     cdef real* gates = <real*>sh.gates
-    cdef real* hh = <real*>sh.hh
     cdef const real* row
     cdef const real* bias = <const real*>sh.bias[layer]
     cdef int feed
@@ -1914,16 +1952,7 @@ cdef void _team_layer(real* tag, TeamSampling* job, int share, int s, int layer)
         gemv(H, width, h_new - H, <const real*>sh.W_ih[layer - 1], gates)
     # gates += W_hh h
     gemv(H, width, h_old, <const real*>sh.W_hh[layer], gates)
-    if job.cell == CELL_LSTM or job.cell == CELL_LSTM_PEEPHOLE:
-        lstm_units(n, gates, <real*>job.c + <size_t>layer * H + u0,
-                   <real*>job.c + <size_t>layer * H + u0, hh, h_new + u0,
-                   <const real*>sh.peep[layer] if sh.peep != NULL else NULL)
-    elif job.cell == CELL_RNN_RELU:
-        for j in range(n):
-            h_new[u0 + j] = gates[j] if gates[j] > 0 else 0
-    else:
-        for j in range(n):
-            h_new[u0 + j] = tanh_(gates[j])
+    _team_units(tag, job, sh, layer, gates, h_new)
     if layer == L - 1 and job.split_output:
         _team_output_part(tag, job, sh, h_new)   # h_new: the top layer's row
 
@@ -1965,8 +1994,8 @@ cdef inline void _team_sample_task(real* tag, void* arg, int share, int t) noexc
     if share == 0 and p == 0 and s > 0:
         _team_draw(tag, job, s - 1)
     if s < job.steps:
-        if job.cell == CELL_GRU:
-            _team_gru_layer(tag, job, share, s, p)
+        if job.cell == CELL_GRU or job.mirrored:
+            _team_layer_ahead(tag, job, share, s, p)
         else:
             _team_layer(tag, job, share, s, p)
 
@@ -2064,11 +2093,12 @@ cdef void _share_pointers(SamplerShare* sh, tuple parts, int start, int L, int b
     sh.u0, sh.n = u0, n
     # on lines of their own: the other members write theirs (charlm_alloc_lines)
     sh.W_ih = <const void**>charlm_alloc_lines(5 * L * sizeof(void*))
-    sh.gates = charlm_alloc_lines((1 + <size_t>L) * width * sizeof(real))
+    sh.gates = charlm_alloc_lines((2 + <size_t>L) * width * sizeof(real))
     sh.logits = charlm_alloc_lines(V * sizeof(real))
     if sh.W_ih == NULL or sh.gates == NULL or sh.logits == NULL:
         raise MemoryError()
     sh.hh = <real*>sh.gates + width
+    sh.scratch = <real*>sh.hh + <size_t>L * width
     sh.W_hh, sh.bias, sh.b_hh = sh.W_ih + L, sh.W_ih + 2 * L, sh.W_ih + 3 * L
     sh.peep = sh.W_ih + 4 * L if peephole else NULL
     sh.W_ihT = _checked(W_ihT, V, width, "W_ihT", keep, tag)
@@ -2085,8 +2115,8 @@ cdef void _share_pointers(SamplerShare* sh, tuple parts, int start, int L, int b
 
 def team_streams(int H, int L, int blocks, int n, int itemsize):
     """Whether a team's shares stream their weights from L3 at every
-    character (so that a GRU's team takes the mirrored orders, and every team
-    splits the output layer; see above): when the first share, n of the H
+    character (so that the team takes the mirrored orders and splits the
+    output layer; see above): when the first share, n of the H
     units of each of L layers with `blocks` gate rows per unit, holds more
     than STREAMED_SHARE_BYTES of weight matrices."""
     return (2 * L - 1) * <size_t>H * blocks * n * itemsize > STREAMED_SHARE_BYTES
@@ -2108,10 +2138,11 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
     slices (width,), for "lstm-peephole" the peephole weights (3, n), and
     its units' columns of the output weights, W_out[:, u0:u0 + n] laid out
     by gemv_layout_of ((n, V)).
-    The rest as for sample_steps, with B = 1. mirrored: whether a GRU's
-    products go in mirrored orders (the same sums either way); split_output:
-    whether the logits are summed from the shares' parts (round-off apart,
-    the same); None: when the shares stream (team_streams).
+    The rest as for sample_steps, with B = 1. mirrored: whether the
+    products go in mirrored orders (a GRU's sums are the same either way, an
+    LSTM's or RNN's the same round-off apart); split_output: whether the
+    logits are summed from the shares' parts (round-off apart, the same);
+    None: when the shares stream (team_streams).
     """
     cdef int L = h.shape[0], H = h.shape[2], V = b_out.shape[0]
     cdef int steps = ids.shape[0], code, per_unit, S = len(shares), k, start = 0
@@ -2156,7 +2187,7 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
             start += job.share[k].n
         _require(start == H, "sample_steps_team: the shares must cover the units")
         streams = team_streams(H, L, per_unit, job.share[0].n, sizeof(real))
-        job.mirrored = code == CELL_GRU and (streams if mirrored is None else mirrored)
+        job.mirrored = streams if mirrored is None else mirrored
         job.split_output = streams if split_output is None else split_output
         # h's two buffers, the LSTM's c, then the logits (share 0's), each
         # from a line of its own: the members write h and c unit by unit

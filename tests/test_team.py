@@ -258,6 +258,39 @@ def test_gru_team_in_either_order_draws_what_one_thread_draws(layers, mirrored, 
     np.testing.assert_array_equal(team.h, alone.h)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "lstm-peephole", "rnn", "rnn-relu"])
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_mirrored_lstm_and_rnn_teams_draw_what_one_thread_draws(cell, layers):
+    """With W_hh h done ahead as a sum of its own, an LSTM's or RNN's team
+    differs from one thread by round-off only (the same ids), and not at all
+    from another team, whatever its threads or the lengths of its calls."""
+    model = Model(Config(vocab_size=23, cell=cell, hidden=64, layers=layers,
+                         dtype="float64"), seed=layers)
+    rng = np.random.default_rng(5)
+    for name, p in model.params.items():
+        if "bias" in name or "peep" in name:
+            p[...] = rng.normal(0, 0.5, p.shape)
+    state = model.zero_state(1)
+    state.h[...] = rng.normal(0, 0.5, state.h.shape)
+    alone = FusedSampler(model, state)
+    alone._shares = None
+    expected = _sample_in_calls(alone, [1, 2, 7, 10], dict(temperature=1.3))
+    teams = []
+    for threads, calls in [(2, [1, 2, 7, 10]), (3, [20]), (2, [5, 15])]:
+        team = FusedSampler(model, state)
+        team._shares = sampling._team_shares(model, threads)
+        team._mirrored = True
+        teams.append((team, _sample_in_calls(team, calls, dict(temperature=1.3))))
+    for team, got in teams:
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_allclose(got[1], expected[1], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(team.h, alone.h, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(got[1], teams[0][1][1])
+        np.testing.assert_array_equal(team.h, teams[0][0].h)
+        np.testing.assert_array_equal(team.c, teams[0][0].c)
+    assert not np.array_equal(teams[0][1][1], expected[1])   # the other sums did run
+
+
 @pytest.mark.parametrize("cell", ["lstm", "lstm-peephole", "gru", "rnn", "rnn-relu"])
 @pytest.mark.parametrize("threads", [2, 3])
 def test_team_with_a_split_output_layer_draws_what_one_thread_draws(cell, threads):
@@ -281,7 +314,7 @@ def test_team_with_a_split_output_layer_draws_what_one_thread_draws(cell, thread
 
 def test_which_teams_stream_their_weights():
     """Shares of more than 1 MB of weight matrices: they take the mirrored
-    order (GRU) and the split output layer."""
+    orders and the split output layer."""
     assert not K.team_streams(128, 2, 3, 64, 4)       # GRU 2x128: 3 x 128x192 floats, 288 KB
     assert K.team_streams(256, 2, 3, 128, 4)          # GRU 2x256: 1.2 MB
     assert K.team_streams(512, 1, 3, 256, 4)          # GRU 1x512: 1.5 MB
