@@ -185,8 +185,10 @@ class FusedSampler:
 #   (each half fits L2, the whole does not); LSTM 2x384 0.93; LSTM 2x512
 #   0.95; GRU 2x512 0.92 (halves larger than L2: both threads wait on L3);
 #   RNN 2x128 (192 KB) 0.72, 2x256 1.01, 2x384 (1.7 MB) 1.78, 2x512 3.5.
-# The largest gated models lose 5-8% on the Intel machine and gain up to 10%
-# on the Zen 5; they keep the team. (An earlier limit of 1 MB for gated
+# The largest gated models lost 5-8% on the Intel machine and gained up to 10%
+# on the Zen 5; they kept the team. Since their shares' products run in
+# mirrored orders (see sample_steps_team), on the Intel Xeon (2026-12-06):
+# GRU 2x512 1.41 (8,070 against 5,700 chars/s), LSTM 2x512 1.28. (An earlier limit of 1 MB for gated
 # cells came from benchmarks/bench_sample.py running with no pause after
 # PyTorch's blocks, whose idle threads then took the helper's core.)
 TEAM_MIN_WEIGHT_BYTES = 512 << 10
