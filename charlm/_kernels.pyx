@@ -1752,7 +1752,8 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
 # GRU's W_hh h + b_hh is a term of its own, summed as by one thread; the
 # LSTM's and RNN's W_hh h then is a sum of its own too, added to bias + W_ih x
 # (one thread sums it onto them: round-off apart, the same). 2 threads, Intel
-# Xeon, 2026-12-06: 2x512 GRU 5,750 -> 7,900-8,000 characters/s. A small
+# Xeon, 2026-12-06, characters/s: 2x512 GRU 5,750 -> 7,900-8,000, 2x512 LSTM
+# 4,315 -> 5,535, 2x384 LSTM 7,950 -> 12,800. A small
 # model's shares sit in L2 whatever the order, and on odd characters the
 # other shares would no longer have a product to do while share 0 draws:
 # 2x128 GRU 3% slower. So the mirrored orders are for shares of more than
@@ -1850,6 +1851,20 @@ cdef inline void _team_output_part(real* tag, TeamSampling* job, SamplerShare* s
     gemv(sh.n, job.V, h_top + sh.u0, <const real*>sh.W_out, <real*>sh.logits)
 
 
+cdef inline void _team_first_input(real* tag, TeamSampling* job, SamplerShare* sh, int s,
+                                   real* gates, const real* bias) noexcept nogil:
+    """gates = W_ihT[id] + bias for the share's gate rows of layer 0, a row
+    gather of character s's input, once share 0 has drawn it."""
+    cdef int width = job.blocks * sh.n, j, feed
+    cdef const real* row
+    if s > 0:
+        charlm_await(job.drawn, s)
+    feed = job.first_id if s == 0 else job.ids[s - 1]
+    row = <const real*>sh.W_ihT + <size_t>feed * width
+    for j in range(width):
+        gates[j] = row[j] + bias[j]
+
+
 cdef void _team_layer_ahead(real* tag, TeamSampling* job, int share, int s,
                             int layer) noexcept nogil:
     """Layer `layer` of character s, for one share's units, with each W_hh
@@ -1865,9 +1880,7 @@ cdef void _team_layer_ahead(real* tag, TeamSampling* job, int share, int s,
     cdef real* gates = <real*>sh.gates
     cdef real* ahead = _team_ahead(tag, job, sh, layer)
     cdef const real* bias = <const real*>sh.bias[layer]
-    cdef const real* row
     cdef bint backwards = job.mirrored and s & 1
-    cdef int feed
     if layer == 0:
         # ahead_0 of this character: in the last's pass 1, but for the first
         # character (or with one layer); the top layer's here every other one
@@ -1875,13 +1888,7 @@ cdef void _team_layer_ahead(real* tag, TeamSampling* job, int share, int s,
             _team_recurrent(tag, job, sh, 0, h_old, backwards)
         if L > 1 and not backwards:
             _team_recurrent(tag, job, sh, top, h_old + <size_t>top * H, backwards)
-        # gates = W_ihT[id] + bias, a row gather, once share 0 has drawn the id
-        if s > 0:
-            charlm_await(job.drawn, s)
-        feed = job.first_id if s == 0 else job.ids[s - 1]
-        row = <const real*>sh.W_ihT + <size_t>feed * width
-        for j in range(width):
-            gates[j] = row[j] + bias[j]
+        _team_first_input(tag, job, sh, s, gates, bias)
     else:
         # h_below (this character's) is complete: the next character's W_hh
         # product of the layer below, around this one's input product
@@ -1931,21 +1938,13 @@ cdef void _team_layer(real* tag, TeamSampling* job, int share, int s, int layer)
     of a small model, W_hh h summed onto W_ih x + bias in the one thread's
     order (the training forward's), so that the sums are the same."""
     cdef SamplerShare* sh = &job.share[share]
-    cdef int L = job.L, H = job.H, width = job.blocks * sh.n, j
+    cdef int L = job.L, H = job.H, width = job.blocks * sh.n
     cdef real* h_old = <real*>job.h + (<size_t>(s & 1) * L + layer) * H
     cdef real* h_new = <real*>job.h + (<size_t>((s + 1) & 1) * L + layer) * H
     cdef real* gates = <real*>sh.gates
-    cdef const real* row
     cdef const real* bias = <const real*>sh.bias[layer]
-    cdef int feed
     if layer == 0:
-        # gates = W_ihT[id] + bias, a row gather, once share 0 has drawn the id
-        if s > 0:
-            charlm_await(job.drawn, s)
-        feed = job.first_id if s == 0 else job.ids[s - 1]
-        row = <const real*>sh.W_ihT + <size_t>feed * width
-        for j in range(width):
-            gates[j] = row[j] + bias[j]
+        _team_first_input(tag, job, sh, s, gates, bias)
     else:
         # gates = bias + W_ih h_below, h_below this character's (written the pass before)
         memcpy(gates, bias, width * sizeof(real))

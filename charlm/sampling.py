@@ -131,7 +131,7 @@ class FusedSampler:
         self._peep = tuple(p[f"weight_peep_l{k}"] for k in range(L)) \
             if config.cell == "lstm-peephole" else ()
         self._shares = _team_shares(model, _team_threads(config)) if B == 1 else None
-        # the team's GRU order and output layer: by size (sample_steps_team)
+        # the team's order of products and its output layer: by size (sample_steps_team)
         self._mirrored = self._split_output = None
         self.h = np.array(state.h, dtype, order="C")
         self.c = (np.array(state.c, dtype, order="C") if self._has_c
