@@ -1768,8 +1768,13 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
 # units] @ h_top[its units], as soon as it has updated them, and share 0 sums
 # the parts for the draw (the logits then differ from one thread's by
 # round-off: their sums are cut in two). Small models keep the one sum, the
-# same as one thread's, to the last bit.
+# same as one thread's, to the last bit, unless W_out itself is large (a
+# large vocabulary): past SPLIT_OUTPUT_MIN_BYTES of it the parts pay even
+# when everything fits L2. 2x128 LSTM, 2 threads, characters/s (Intel Xeon,
+# 2026-12-06): V = 200 (100 KB) 144k either way; V = 500 (256 KB) 92.8k ->
+# 99.1k; V = 1000 60.0k -> 65.4k; V = 3000 (1.5 MB) 17.0k -> 26.8k.
 DEF STREAMED_SHARE_BYTES = 1 << 20
+DEF SPLIT_OUTPUT_MIN_BYTES = 128 << 10
 
 cdef extern from "_team.h":
     ctypedef void (*charlm_team_task)(void* job, int share, int t) noexcept nogil
@@ -2121,6 +2126,13 @@ def team_streams(int H, int L, int blocks, int n, int itemsize):
     return (2 * L - 1) * <size_t>H * blocks * n * itemsize > STREAMED_SHARE_BYTES
 
 
+def team_splits_output(int V, int H, bint streams, int itemsize):
+    """Whether a team sums the logits from its shares' parts (see above):
+    when its shares stream, or W_out (V, H) holds more than
+    SPLIT_OUTPUT_MIN_BYTES."""
+    return streams or <size_t>V * H * itemsize > SPLIT_OUTPUT_MIN_BYTES
+
+
 def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
                       const real[::1] b_out, real[:, :, ::1] h, real[:, :, ::1] c,
                       const int[::1] prev_ids, const double[:, ::1] uniforms,
@@ -2141,7 +2153,8 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
     products go in mirrored orders (a GRU's sums are the same either way, an
     LSTM's or RNN's the same round-off apart); split_output: whether the
     logits are summed from the shares' parts (round-off apart, the same);
-    None: when the shares stream (team_streams).
+    None: when the shares stream (team_streams), and for split_output also
+    when W_out is large (team_splits_output).
     """
     cdef int L = h.shape[0], H = h.shape[2], V = b_out.shape[0]
     cdef int steps = ids.shape[0], code, per_unit, S = len(shares), k, start = 0
@@ -2187,7 +2200,8 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
         _require(start == H, "sample_steps_team: the shares must cover the units")
         streams = team_streams(H, L, per_unit, job.share[0].n, sizeof(real))
         job.mirrored = streams if mirrored is None else mirrored
-        job.split_output = streams if split_output is None else split_output
+        job.split_output = (team_splits_output(V, H, streams, sizeof(real))
+                            if split_output is None else split_output)
         # h's two buffers, the LSTM's c, then the logits (share 0's), each
         # from a line of its own: the members write h and c unit by unit
         h_bytes = charlm_whole_lines(2 * <size_t>L * H * sizeof(real))

@@ -314,13 +314,18 @@ def test_team_with_a_split_output_layer_draws_what_one_thread_draws(cell, thread
 
 def test_which_teams_stream_their_weights():
     """Shares of more than 1 MB of weight matrices: they take the mirrored
-    orders and the split output layer."""
+    orders and the split output layer; so do output layers over 128 KB."""
     assert not K.team_streams(128, 2, 3, 64, 4)       # GRU 2x128: 3 x 128x192 floats, 288 KB
     assert K.team_streams(256, 2, 3, 128, 4)          # GRU 2x256: 1.2 MB
     assert K.team_streams(512, 1, 3, 256, 4)          # GRU 1x512: 1.5 MB
     assert not K.team_streams(256, 1, 3, 128, 4)      # 393 KB
     assert not K.team_streams(128, 2, 4, 64, 4)       # LSTM 2x128: 384 KB
     assert K.team_streams(512, 2, 1, 256, 4)          # RNN 2x512: 1.5 MB
+    # ... and a large output layer is split even when the rest fits
+    assert not K.team_splits_output(65, 128, False, 4)      # 33 KB
+    assert not K.team_splits_output(200, 128, False, 4)     # 100 KB
+    assert K.team_splits_output(500, 128, False, 4)         # 250 KB
+    assert K.team_splits_output(65, 128, True, 4)
 
 
 def test_team_sampler_follows_the_model_past_the_size_limit():
