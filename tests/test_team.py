@@ -375,3 +375,19 @@ def test_team_sampler_checks_its_shares():
         K.sample_steps_team("lstm", shares * 3, *args)
     with pytest.raises(ValueError, match="prev_ids"):
         K.sample_steps_team("lstm", shares, *args[:4], np.array([99], np.int32), *args[5:])
+
+
+def test_a_long_prime_for_one_stream_of_a_large_model_runs_on_the_team(monkeypatch):
+    """As evaluation scores one stream (BLAS on one thread, the recurrence on
+    the team, the settings restored after), and draws what the reference
+    sampler draws from the same seed."""
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    model = Model(Config(vocab_size=23, cell="gru", hidden=420, layers=1, dtype="float64"))
+    assert model.params["weight_hh_l0"].nbytes > 512 * 1024
+    prime = np.arange(300) % 23      # past OWN_GEMV_MIN_STEPS, where the team takes it
+    blas_before, runs_before = K.blas_runs_on_one_thread(), K.team_runs()
+    fused = np.array(list(sampling.generate_ids(model, prime, 6, np.random.default_rng(3))))
+    assert K.team_runs() > runs_before
+    assert K.blas_runs_on_one_thread() == blas_before
+    reference = list(sampling.generate_ids_reference(model, prime, 6, np.random.default_rng(3)))
+    np.testing.assert_array_equal(fused, np.array(reference))
