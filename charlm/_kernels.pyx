@@ -1916,8 +1916,6 @@ cdef void _team_layer_ahead(real* tag, TeamSampling* job, int share, int s,
         for j in range(width):          # gates += W_hh h_{t-1}
             gates[j] += ahead[j]
         _team_units(tag, job, sh, layer, gates, h_new + <size_t>layer * H)
-    if layer == top and job.split_output:
-        _team_output_part(tag, job, sh, h_new + <size_t>top * H)
 
 
 cdef inline void _team_units(real* tag, TeamSampling* job, SamplerShare* sh, int layer,
@@ -1957,17 +1955,18 @@ cdef void _team_layer(real* tag, TeamSampling* job, int share, int s, int layer)
     # gates += W_hh h
     gemv(H, width, h_old, <const real*>sh.W_hh[layer], gates)
     _team_units(tag, job, sh, layer, gates, h_new)
-    if layer == L - 1 and job.split_output:
-        _team_output_part(tag, job, sh, h_new)   # h_new: the top layer's row
+
+
+cdef inline real* _team_h_top(real* tag, TeamSampling* job, int s) noexcept nogil:
+    """The top layer's h after character s  (H,), in buffer (s + 1) % 2."""
+    return <real*>job.h + (<size_t>((s + 1) & 1) * job.L + job.L - 1) * job.H
 
 
 cdef void _team_draw(real* tag, TeamSampling* job, int s) noexcept nogil:
     """The output layer and the draw of character s."""
-    cdef int L = job.L, H = job.H, V = job.V
-    cdef const real* h_top = <real*>job.h + (<size_t>((s + 1) & 1) * L + L - 1) * H
+    cdef int V = job.V, m, k
     cdef real* logits = <real*>job.logits
     cdef const real* part
-    cdef int m, k
     memcpy(logits, job.b_out, V * sizeof(real))
     if job.split_output:
         # logits = b_out + the shares' parts, in order
@@ -1977,7 +1976,8 @@ cdef void _team_draw(real* tag, TeamSampling* job, int s) noexcept nogil:
                 logits[k] += part[k]
     else:
         # logits = h_top @ W_out.T + b_out       (V,) += (H,) @ (H,V)
-        times_weight(1, V, H, h_top, <const real*>job.W_out, logits)
+        times_weight(1, V, job.H, _team_h_top(tag, job, s),
+                     <const real*>job.W_out, logits)
     job.ids[s] = _pick(logits, V, job.temperature, job.top_k, job.top_p, job.argmax,
                        job.uniforms[s], job.weight, job.ranked,
                        job.probs + <size_t>s * V if job.probs != NULL else NULL)
@@ -2002,6 +2002,8 @@ cdef inline void _team_sample_task(real* tag, void* arg, int share, int t) noexc
             _team_layer_ahead(tag, job, share, s, p)
         else:
             _team_layer(tag, job, share, s, p)
+        if p == L - 1 and job.split_output:
+            _team_output_part(tag, job, &job.share[share], _team_h_top(tag, job, s))
 
 
 cdef void _team_sample_task_f(void* job, int share, int t) noexcept nogil:
@@ -2055,10 +2057,7 @@ def gemv_laid_out(const real[::1] x, const real[:, ::1] laid_out, real[::1] y,
     cdef int K = laid_out.shape[0], N = laid_out.shape[1]
     _require(x.shape[0] == K and y.shape[0] == N, "gemv_laid_out: shape mismatch")
     with nogil:
-        if real is float:
-            charlm_gemv_dir_f(K, N, &x[0], &laid_out[0, 0], &y[0], backwards)
-        else:
-            charlm_gemv_dir_d(K, N, &x[0], &laid_out[0, 0], &y[0], backwards)
+        gemv_dir(K, N, &x[0], &laid_out[0, 0], &y[0], backwards)
 
 
 cdef const real* _checked(object array, int rows, int cols, str what, list keep,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import release_pages
-from .parallel import blas_threads, one_stream_team, one_stream_thread_count
+from .parallel import blas_threads, one_stream_on_team, one_stream_thread_count
 
 CHUNK = 2048
 RELEASE_EVERY_IDS = 1 << 20   # unmap the pages of a mapped text every ~1M ids read
@@ -65,9 +65,7 @@ def chunked_log_probs(model, ids, chunk=CHUNK):
         with blas_threads(1):       # the two stages are the parallelism
             yield from _pipelined(model, windows)
         return
-    # BLAS on one thread: its idle threads would spin for a while after
-    # each product, on the cores the team's threads need.
-    with blas_threads(1), one_stream_team(threads):
+    with one_stream_on_team():
         state = model.zero_state(1)
         for window in windows:
             logp, state = model.log_probs(window[:-1, None], window[1:, None], state)

@@ -185,3 +185,14 @@ def one_stream_team(threads):
         yield
     finally:
         K.set_one_stream_threads(previous)
+
+
+@contextlib.contextmanager
+def one_stream_on_team():
+    """Within the block, a single stream's passes (scoring a text, a sampler's
+    prime) run on charlm's team of one_stream_thread_count() threads, and
+    BLAS on one thread: its idle threads would spin for a while after each
+    product, on the cores the team's threads need."""
+    threads = one_stream_thread_count()
+    with blas_threads(1), one_stream_team(threads):
+        yield

@@ -30,7 +30,7 @@ import numpy as np
 from . import _kernels as K
 from .errors import UsageError
 from .model import State
-from .parallel import blas_threads, one_stream_team, one_stream_thread_count
+from .parallel import one_stream_on_team, one_stream_thread_count
 
 # Largest number of characters per kernel call: long enough that the Python
 # between calls, and a team's start (waking its helper threads, ~60 us),
@@ -189,9 +189,10 @@ class FusedSampler:
 # The largest gated models lost 5-8% on the Intel machine and gained up to 10%
 # on the Zen 5; they kept the team. Since their shares' products run in
 # mirrored orders (see sample_steps_team), on the Intel Xeon (2026-12-06):
-# GRU 2x512 1.41 (8,070 against 5,700 chars/s), LSTM 2x512 1.28. (An earlier limit of 1 MB for gated
-# cells came from benchmarks/bench_sample.py running with no pause after
-# PyTorch's blocks, whose idle threads then took the helper's core.)
+# GRU 2x512 1.41 (8,070 against 5,700 chars/s), LSTM 2x512 1.28. (An
+# earlier limit of 1 MB for gated cells came from benchmarks/bench_sample.py
+# running with no pause after PyTorch's blocks, whose idle threads then took
+# the helper's core.)
 TEAM_MIN_WEIGHT_BYTES = 512 << 10
 TEAM_MIN_RNN_WEIGHT_BYTES = 1536 << 10
 
@@ -305,11 +306,7 @@ def _one_stream_priming(model):
     itemsize = np.dtype(config.np_dtype).itemsize
     if K.sampler_stores_transposed(config.gates, config.hidden, itemsize):
         return contextlib.nullcontext()         # W_hh small enough for the own GEMV
-    stack = contextlib.ExitStack()
-    threads = one_stream_thread_count()
-    stack.enter_context(blas_threads(1))
-    stack.enter_context(one_stream_team(threads))
-    return stack
+    return one_stream_on_team()
 
 
 def generate_ids_reference(model, prime_ids, length, rng, temperature=1.0, top_k=None,
