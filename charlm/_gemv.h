@@ -40,6 +40,10 @@
 #include "_packed_gemm.h"      /* CHARLM_VBYTES and the unaligned vector types */
 
 #define CHARLM_GEMV_VECS 8     /* vectors of y per whole strip */
+/* The orders charlm_gemv_dir reads a matrix in. */
+#define CHARLM_GEMV_FORWARDS 0
+#define CHARLM_GEMV_STRIPS_BACKWARDS 1
+#define CHARLM_GEMV_REVERSED 2
 #define CHARLM_GEMV_STRIP_F (CHARLM_GEMV_VECS * CHARLM_VBYTES / 4)   /* columns per strip */
 #define CHARLM_GEMV_STRIP_D (CHARLM_GEMV_VECS * CHARLM_VBYTES / 8)
 /* Accumulators a widened last strip may hold, its partial vector included,
@@ -75,18 +79,20 @@ static inline int charlm_gemv_last_strip(int N, int strip, int lanes)
     return n0;
 }
 
-#define CHARLM_DEFINE_GEMV(SUFFIX, REAL, VEC)                                    \
+#define CHARLM_DEFINE_GEMV(SUFFIX, REAL, VEC)                                     \
                                                                                   \
 /* y[0:width] += x @ Bt[:, 0:width], width = vecs*lanes + tail, Bt row-major      \
  * with rows `width` apart (a strip of the layout). `vecs` and                    \
  * `has_tail` are compile-time constants in every call (always inlined into a     \
- * switch), so the accumulators stay in registers. The tail (0 < tail < lanes    \
+ * switch), so the accumulators stay in registers. The tail (0 < tail < lanes     \
  * columns) is one more vector whose load runs into the next row; at the last     \
  * row it would run past the matrix, so that row's tail is added column by        \
- * column. Every column still gets one FMA per k, in k order. */                  \
-static inline __attribute__((always_inline)) void                                \
-charlm_gemv_block_##SUFFIX(const int vecs, const int has_tail, int tail, int K,  \
-                           const REAL* x, const REAL* bt, REAL* y)                \
+ * column. Every column still gets one FMA per k, in k order, or from the last    \
+ * k to the first when `reversed` (the rows read last to first). */               \
+static inline __attribute__((always_inline)) void                                 \
+charlm_gemv_block_##SUFFIX(const int vecs, const int has_tail, int tail, int K,   \
+                           const REAL* x, const REAL* bt, REAL* y,                \
+                           const int reversed)                                    \
 {                                                                                 \
     const int lanes = (int)(sizeof(VEC) / sizeof(REAL));                          \
     const int ldb = vecs * lanes + tail;  /* a constant without a tail */         \
@@ -101,9 +107,18 @@ charlm_gemv_block_##SUFFIX(const int vecs, const int has_tail, int tail, int K, 
         memcpy(y_tail, y + vecs * lanes, tail * sizeof(REAL));                    \
         acc_tail = *(const VEC*)y_tail;                                           \
     }                                                                             \
+    if (has_tail && reversed && k_vector < K) {  /* the last row first */         \
+        const REAL x_k = x[k_vector];                                             \
+        const REAL* row = bt + (size_t)k_vector * ldb;                            \
+        for (v = 0; v < vecs; v++)                                                \
+            acc[v] += x_k * *(const VEC*)(row + v * lanes);                       \
+        for (j = 0; j < tail; j++)                                                \
+            y_tail[j] += x_k * row[vecs * lanes + j];                             \
+        acc_tail = *(const VEC*)y_tail;                                           \
+    }                                                                             \
     for (k = 0; k < k_vector; k++) {                                              \
-        const REAL x_k = x[k];                                                    \
-        const REAL* row = bt + (size_t)k * ldb;                                   \
+        const REAL x_k = x[reversed ? k_vector - 1 - k : k];                      \
+        const REAL* row = bt + (size_t)(reversed ? k_vector - 1 - k : k) * ldb;   \
         for (v = 0; v < vecs; v++)                                                \
             acc[v] += x_k * *(const VEC*)(row + v * lanes);                       \
         if (has_tail)                                                             \
@@ -111,7 +126,7 @@ charlm_gemv_block_##SUFFIX(const int vecs, const int has_tail, int tail, int K, 
     }                                                                             \
     if (has_tail) {                                                               \
         memcpy(y_tail, &acc_tail, sizeof y_tail);                                 \
-        if (k_vector < K) {     /* the last row: its tail column by column */     \
+        if (!reversed && k_vector < K) {  /* the last row's tail, by column */     \
             const REAL x_k = x[k_vector];                                         \
             const REAL* row = bt + (size_t)k_vector * ldb;                        \
             for (v = 0; v < vecs; v++)                                            \
@@ -125,43 +140,51 @@ charlm_gemv_block_##SUFFIX(const int vecs, const int has_tail, int tail, int K, 
         *(VEC*)(y + v * lanes) = acc[v];                                          \
 }                                                                                 \
                                                                                   \
-/* y[0:width] += x @ Bt[:, 0:width] for one strip of any width up to             \
- * CHARLM_GEMV_MAX_VECS vectors (the partial one included). */                   \
-static inline void charlm_gemv_strip_##SUFFIX(int K, int width, const REAL* x,   \
-                                              const REAL* bt, REAL* y)            \
+/* y[0:width] += x @ Bt[:, 0:width] for one strip of any width up to              \
+ * CHARLM_GEMV_MAX_VECS vectors (the partial one included). */                    \
+static inline void charlm_gemv_strip_##SUFFIX(int K, int width, const REAL* x,    \
+                                              const REAL* bt, REAL* y,            \
+                                              int reversed)                       \
 {                                                                                 \
     const int lanes = (int)(sizeof(VEC) / sizeof(REAL));                          \
     const int vecs = width / lanes, tail = width % lanes;                         \
-    switch (2 * vecs + (tail > 0)) {                                              \
-    CHARLM_GEMV_CASES(SUFFIX)                                                     \
-    default: break;             /* wider than the layout ever makes */            \
+    if (reversed) {                                                               \
+        switch (2 * vecs + (tail > 0)) {                                          \
+        CHARLM_GEMV_CASES(SUFFIX, 1)                                              \
+        default: break;         /* wider than the layout ever makes */            \
+        }                                                                         \
+    } else {                                                                      \
+        switch (2 * vecs + (tail > 0)) {                                          \
+        CHARLM_GEMV_CASES(SUFFIX, 0)                                              \
+        default: break;                                                           \
+        }                                                                         \
     }                                                                             \
 }
 
-#define CHARLM_GEMV_CASE(SUFFIX, V)                                               \
-    case 2 * V: charlm_gemv_block_##SUFFIX(V, 0, 0, K, x, bt, y); break;     \
-    case 2 * V + 1: charlm_gemv_block_##SUFFIX(V, 1, tail, K, x, bt, y); break;
+#define CHARLM_GEMV_CASE(SUFFIX, V, R)                                            \
+    case 2 * V: charlm_gemv_block_##SUFFIX(V, 0, 0, K, x, bt, y, R); break;       \
+    case 2 * V + 1: charlm_gemv_block_##SUFFIX(V, 1, tail, K, x, bt, y, R); break;
 
 #if CHARLM_GEMV_MAX_VECS == 16
-#define CHARLM_GEMV_CASES_ABOVE_13(SUFFIX)                                        \
-    CHARLM_GEMV_CASE(SUFFIX, 14) CHARLM_GEMV_CASE(SUFFIX, 15)                     \
-    case 2 * 16: charlm_gemv_block_##SUFFIX(16, 0, 0, K, x, bt, y); break;
+#define CHARLM_GEMV_CASES_ABOVE_13(SUFFIX, R)                                     \
+    CHARLM_GEMV_CASE(SUFFIX, 14, R) CHARLM_GEMV_CASE(SUFFIX, 15, R)               \
+    case 2 * 16: charlm_gemv_block_##SUFFIX(16, 0, 0, K, x, bt, y, R); break;
 #else
-#define CHARLM_GEMV_CASES_ABOVE_13(SUFFIX)                                        \
-    case 2 * 14: charlm_gemv_block_##SUFFIX(14, 0, 0, K, x, bt, y); break;
+#define CHARLM_GEMV_CASES_ABOVE_13(SUFFIX, R)                                     \
+    case 2 * 14: charlm_gemv_block_##SUFFIX(14, 0, 0, K, x, bt, y, R); break;
 #endif
 /* Every (vectors, tail) a strip can have: up to CHARLM_GEMV_MAX_VECS
  * registers, the partial vector counted. */
-#define CHARLM_GEMV_CASES(SUFFIX)                                                 \
-    case 1: charlm_gemv_block_##SUFFIX(0, 1, tail, K, x, bt, y); break;      \
-    CHARLM_GEMV_CASE(SUFFIX, 1) CHARLM_GEMV_CASE(SUFFIX, 2)                       \
-    CHARLM_GEMV_CASE(SUFFIX, 3) CHARLM_GEMV_CASE(SUFFIX, 4)                       \
-    CHARLM_GEMV_CASE(SUFFIX, 5) CHARLM_GEMV_CASE(SUFFIX, 6)                       \
-    CHARLM_GEMV_CASE(SUFFIX, 7) CHARLM_GEMV_CASE(SUFFIX, 8)                       \
-    CHARLM_GEMV_CASE(SUFFIX, 9) CHARLM_GEMV_CASE(SUFFIX, 10)                      \
-    CHARLM_GEMV_CASE(SUFFIX, 11) CHARLM_GEMV_CASE(SUFFIX, 12)                     \
-    CHARLM_GEMV_CASE(SUFFIX, 13)                                                  \
-    CHARLM_GEMV_CASES_ABOVE_13(SUFFIX)
+#define CHARLM_GEMV_CASES(SUFFIX, R)                                              \
+    case 1: charlm_gemv_block_##SUFFIX(0, 1, tail, K, x, bt, y, R); break;        \
+    CHARLM_GEMV_CASE(SUFFIX, 1, R) CHARLM_GEMV_CASE(SUFFIX, 2, R)                 \
+    CHARLM_GEMV_CASE(SUFFIX, 3, R) CHARLM_GEMV_CASE(SUFFIX, 4, R)                 \
+    CHARLM_GEMV_CASE(SUFFIX, 5, R) CHARLM_GEMV_CASE(SUFFIX, 6, R)                 \
+    CHARLM_GEMV_CASE(SUFFIX, 7, R) CHARLM_GEMV_CASE(SUFFIX, 8, R)                 \
+    CHARLM_GEMV_CASE(SUFFIX, 9, R) CHARLM_GEMV_CASE(SUFFIX, 10, R)                \
+    CHARLM_GEMV_CASE(SUFFIX, 11, R) CHARLM_GEMV_CASE(SUFFIX, 12, R)               \
+    CHARLM_GEMV_CASE(SUFFIX, 13, R)                                               \
+    CHARLM_GEMV_CASES_ABOVE_13(SUFFIX, R)
 
 CHARLM_DEFINE_GEMV(f, float, charlm_vf)
 CHARLM_DEFINE_GEMV(d, double, charlm_vd)
@@ -169,13 +192,13 @@ CHARLM_DEFINE_GEMV(d, double, charlm_vd)
 /* The strip layout. Bt (K x N) is cut into strips (charlm_gemv_strip_width),
  * and each strip is stored as its own row-major K x width block, one after
  * the other: K*N values in all. */
-#define CHARLM_DEFINE_GEMV_LAYOUT(SUFFIX, REAL, STRIP)                           \
+#define CHARLM_DEFINE_GEMV_LAYOUT(SUFFIX, REAL, STRIP)                            \
                                                                                   \
 /* Lay out the K x N matrix Bt whose element (k, n) is                            \
- * b[k*stride_k + r*stride_n], r = rows[n], or n when rows is NULL: (1, K)       \
- * takes a row-major (N, K) weight matrix W as Bt = W.T, and `rows` picks some  \
- * of W's rows (a team member's share, _team.h). */                              \
-static inline void charlm_gemv_layout_rows_##SUFFIX(int K, int N, const REAL* b, \
+ * b[k*stride_k + r*stride_n], r = rows[n], or n when rows is NULL: (1, K)        \
+ * takes a row-major (N, K) weight matrix W as Bt = W.T, and `rows` picks some    \
+ * of W's rows (a team member's share, _team.h). */                               \
+static inline void charlm_gemv_layout_rows_##SUFFIX(int K, int N, const REAL* b,  \
                                                     ptrdiff_t stride_k,           \
                                                     ptrdiff_t stride_n,           \
                                                     const int* rows, REAL* out)   \
@@ -187,51 +210,64 @@ static inline void charlm_gemv_layout_rows_##SUFFIX(int K, int N, const REAL* b,
         for (k = 0; k < K; k++)                                                   \
             for (j = 0; j < width; j++)                                           \
                 *out++ = b[k * stride_k                                           \
-                           + (ptrdiff_t)(rows ? rows[n0 + j] : n0 + j) * stride_n];\
+                           + (ptrdiff_t)(rows ? rows[n0 + j] : n0 + j) * stride_n]; \
 }                                                                                 \
                                                                                   \
-static inline void charlm_gemv_layout_##SUFFIX(int K, int N, const REAL* b,      \
+static inline void charlm_gemv_layout_##SUFFIX(int K, int N, const REAL* b,       \
                                                ptrdiff_t stride_k,                \
                                                ptrdiff_t stride_n, REAL* out)     \
 {                                                                                 \
     charlm_gemv_layout_rows_##SUFFIX(K, N, b, stride_k, stride_n, NULL, out);     \
 }                                                                                 \
                                                                                   \
-/* y[0:N] += x[0:K] @ Bt, Bt laid out by charlm_gemv_layout, the strips taken    \
- * first to last, or last to first when `backwards`. Each output's sum is the    \
- * same either way; the order matters for a matrix larger than the cache that    \
- * is read at every step: taken alternately forwards and backwards, each pass    \
- * starts with the strips the last one read, still in cache, where a pass        \
- * always in the same order finds none of them there (the cache evicts the       \
- * least recently used strips: exactly the next ones wanted). */                 \
-static inline void charlm_gemv_dir_##SUFFIX(int K, int N, const REAL* x,         \
+/* y[0:N] += x[0:K] @ Bt, Bt laid out by charlm_gemv_layout, read in one of       \
+ * three orders (a CHARLM_GEMV_* direction):                                      \
+ * - FORWARDS: strip by strip, each strip's rows first to last;                   \
+ * - STRIPS_BACKWARDS: the strips last to first, each still row by row from the   \
+ *   first: each output's sum the same as forwards, to the last bit;              \
+ * - REVERSED: every row of the layout last to first, the exact reverse of        \
+ *   FORWARDS: each output summed from its last k to its first (round-off).       \
+ * The order matters for a matrix larger than the cache that is read at every     \
+ * step: read alternately forwards and backwards, each pass starts with the       \
+ * strips the last one read, still in cache, where a pass always in the same      \
+ * order finds none of them there (the cache evicts the least recently used       \
+ * lines: exactly the next ones wanted). With STRIPS_BACKWARDS the strip that     \
+ * was only partly in cache is lost all the same (its first rows, read first,     \
+ * evict its last ones, the oldest there): REVERSED keeps all of it. */           \
+static inline void charlm_gemv_dir_##SUFFIX(int K, int N, const REAL* x,          \
                                             const REAL* laid_out, REAL* y,        \
-                                            int backwards)                        \
+                                            int direction)                        \
 {                                                                                 \
     const int lanes = (int)(sizeof(charlm_v##SUFFIX) / sizeof(REAL));             \
     const int n_last = charlm_gemv_last_strip(N, STRIP, lanes);                   \
     /* the whole strips, the last one too when it is one */                       \
     const int whole = N - n_last == STRIP ? n_last / STRIP + 1 : n_last / STRIP;  \
     const int n_rest = whole * STRIP;   /* a widened or narrower last strip */    \
+    const int backwards = direction != CHARLM_GEMV_FORWARDS;                      \
+    const int reversed = direction == CHARLM_GEMV_REVERSED;                       \
     int s;                                                                        \
     if (backwards && n_rest < N)                                                  \
-        charlm_gemv_strip_##SUFFIX(K, N - n_rest, x, laid_out + (size_t)n_rest * K,\
-                                   y + n_rest);                                   \
+        charlm_gemv_strip_##SUFFIX(K, N - n_rest, x, laid_out + (size_t)n_rest * K, \
+                                   y + n_rest, reversed);                         \
     for (s = 0; s < whole; s++) {                                                 \
         const int n0 = (backwards ? whole - 1 - s : s) * STRIP;                   \
-        charlm_gemv_block_##SUFFIX(CHARLM_GEMV_VECS, 0, 0, K, x,                  \
-                                   laid_out + (size_t)n0 * K, y + n0);            \
+        if (reversed)                                                             \
+            charlm_gemv_block_##SUFFIX(CHARLM_GEMV_VECS, 0, 0, K, x,              \
+                                       laid_out + (size_t)n0 * K, y + n0, 1);     \
+        else                                                                      \
+            charlm_gemv_block_##SUFFIX(CHARLM_GEMV_VECS, 0, 0, K, x,              \
+                                       laid_out + (size_t)n0 * K, y + n0, 0);     \
     }                                                                             \
     if (!backwards && n_rest < N)                                                 \
-        charlm_gemv_strip_##SUFFIX(K, N - n_rest, x, laid_out + (size_t)n_rest * K,\
-                                   y + n_rest);                                   \
+        charlm_gemv_strip_##SUFFIX(K, N - n_rest, x, laid_out + (size_t)n_rest * K, \
+                                   y + n_rest, 0);                                \
 }                                                                                 \
                                                                                   \
-/* y[0:N] += x[0:K] @ Bt, Bt laid out by charlm_gemv_layout. */                  \
-static inline void charlm_gemv_##SUFFIX(int K, int N, const REAL* x,             \
+/* y[0:N] += x[0:K] @ Bt, Bt laid out by charlm_gemv_layout. */                   \
+static inline void charlm_gemv_##SUFFIX(int K, int N, const REAL* x,              \
                                         const REAL* laid_out, REAL* y)            \
 {                                                                                 \
-    charlm_gemv_dir_##SUFFIX(K, N, x, laid_out, y, 0);                            \
+    charlm_gemv_dir_##SUFFIX(K, N, x, laid_out, y, CHARLM_GEMV_FORWARDS);         \
 }
 
 CHARLM_DEFINE_GEMV_LAYOUT(f, float, CHARLM_GEMV_STRIP_F)

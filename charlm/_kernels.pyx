@@ -413,9 +413,10 @@ cdef extern from "_gemv.h":
     void charlm_gemv_d(int K, int N, const double* x, const double* laid_out,
                        double* y) noexcept nogil
     void charlm_gemv_dir_f(int K, int N, const float* x, const float* laid_out,
-                           float* y, int backwards) noexcept nogil
+                           float* y, int order) noexcept nogil
     void charlm_gemv_dir_d(int K, int N, const double* x, const double* laid_out,
-                           double* y, int backwards) noexcept nogil
+                           double* y, int order) noexcept nogil
+    int CHARLM_GEMV_FORWARDS, CHARLM_GEMV_STRIPS_BACKWARDS, CHARLM_GEMV_REVERSED
     int charlm_gemv_strip_width(int N, int n0, int strip, int lanes) noexcept nogil
     int CHARLM_GEMV_STRIP_F, CHARLM_GEMV_STRIP_D, CHARLM_VBYTES
 
@@ -438,12 +439,14 @@ cdef inline void gemv(int K, int N, const real* x, const real* laid_out,
 
 
 cdef inline void gemv_dir(int K, int N, const real* x, const real* laid_out, real* y,
-                          bint backwards) noexcept nogil:
-    """gemv, the strips taken last to first when `backwards` (same sums)."""
+                          int order) noexcept nogil:
+    """gemv, the layout read in `order` (a CHARLM_GEMV_* order of _gemv.h):
+    FORWARDS; STRIPS_BACKWARDS (the same sums); REVERSED (the exact reverse:
+    each output summed from its last input to its first)."""
     if real is float:
-        charlm_gemv_dir_f(K, N, x, laid_out, y, backwards)
+        charlm_gemv_dir_f(K, N, x, laid_out, y, order)
     else:
-        charlm_gemv_dir_d(K, N, x, laid_out, y, backwards)
+        charlm_gemv_dir_d(K, N, x, laid_out, y, order)
 
 
 # A single row (sampling, single-stream evaluation) times a weight matrix
@@ -1753,7 +1756,17 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
 # LSTM's and RNN's W_hh h then is a sum of its own too, added to bias + W_ih x
 # (one thread sums it onto them: round-off apart, the same). 2 threads, Intel
 # Xeon, 2026-12-06, characters/s: 2x512 GRU 5,750 -> 7,900-8,000, 2x512 LSTM
-# 4,315 -> 5,535, 2x384 LSTM 7,950 -> 12,800. A small
+# 4,315 -> 5,535, 2x384 LSTM 7,950 -> 12,800.
+# The odd characters read every matrix in reverse, row by row from the last
+# (CHARLM_GEMV_REVERSED): taking only the strips in reverse order, each still
+# from its first row, lost the strip that was only partly in L2 at the
+# boundary (its first rows' misses evicted its last rows, the oldest lines
+# there). Each sum then runs from its last term to its first on odd
+# characters: round-off from one thread for every cell, the GRU's too, but
+# the same sums however many threads share the units, and, as the orders
+# alternate with the stream's characters, however the stream is cut into
+# calls. 2x512 GRU 120.1 -> 118.1 us per character, 2x512 LSTM 176.5 ->
+# 172.9 (medians of 8 and 4 alternations of 1,024-character calls). A small
 # model's shares sit in L2 whatever the order, and on odd characters the
 # other shares would no longer have a product to do while share 0 draws:
 # 2x128 GRU 3% slower. So the mirrored orders are for shares of more than
@@ -1808,6 +1821,7 @@ cdef struct SamplerShare:
 cdef struct TeamSampling:
     int cell, L, H, V, blocks, shares, steps
     bint mirrored              # the products in mirrored orders (see above)
+    bint first_odd             # character 0 of the call is an odd one of the stream
     bint split_output          # the logits summed from the shares' parts (see above)
     void* h                    # (2, L, H): the state, double-buffered
     void* c                    # (L, H), the LSTM's cell state (unit by unit: in place)
@@ -1839,14 +1853,15 @@ cdef inline void _team_recurrent(real* tag, TeamSampling* job, SamplerShare* sh,
                                  const real* h_prev, bint backwards) noexcept nogil:
     """ahead = W_hh h_prev for the share's units of a layer  (width,), plus
     b_hh for the GRU (whose W_hh h + b_hh is a term of its own, as one thread
-    sums it)."""
+    sums it); the matrix read in reverse when `backwards`."""
     cdef int width = job.blocks * sh.n
     cdef real* ahead = _team_ahead(tag, job, sh, layer)
     if job.cell == CELL_GRU:
         memcpy(ahead, sh.b_hh[layer], width * sizeof(real))
     else:
         memset(ahead, 0, width * sizeof(real))
-    gemv_dir(job.H, width, h_prev, <const real*>sh.W_hh[layer], ahead, backwards)
+    gemv_dir(job.H, width, h_prev, <const real*>sh.W_hh[layer], ahead,
+             CHARLM_GEMV_REVERSED if backwards else CHARLM_GEMV_FORWARDS)
 
 
 cdef inline void _team_output_part(real* tag, TeamSampling* job, SamplerShare* sh,
@@ -1885,12 +1900,18 @@ cdef void _team_layer_ahead(real* tag, TeamSampling* job, int share, int s,
     cdef real* gates = <real*>sh.gates
     cdef real* ahead = _team_ahead(tag, job, sh, layer)
     cdef const real* bias = <const real*>sh.bias[layer]
-    cdef bint backwards = job.mirrored and s & 1
+    # this character's order, and the last one's (a product done ahead at a
+    # call's first character is read as it would have been the character
+    # before: the same sums however the stream is cut into calls)
+    cdef bint backwards = job.mirrored and (s + job.first_odd) & 1
+    cdef bint backwards_before = job.mirrored and not backwards
     if layer == 0:
         # ahead_0 of this character: in the last's pass 1, but for the first
         # character (or with one layer); the top layer's here every other one
-        if L == 1 or s == 0:
+        if L == 1:
             _team_recurrent(tag, job, sh, 0, h_old, backwards)
+        elif s == 0:
+            _team_recurrent(tag, job, sh, 0, h_old, backwards_before)
         if L > 1 and not backwards:
             _team_recurrent(tag, job, sh, top, h_old + <size_t>top * H, backwards)
         _team_first_input(tag, job, sh, s, gates, bias)
@@ -1901,12 +1922,12 @@ cdef void _team_layer_ahead(real* tag, TeamSampling* job, int share, int s,
             _team_recurrent(tag, job, sh, layer - 1, h_new + <size_t>(layer - 1) * H, backwards)
         # gates = bias + W_ih h_below
         memcpy(gates, bias, width * sizeof(real))
-        gemv_dir(H, width, h_new + <size_t>(layer - 1) * H,
-                 <const real*>sh.W_ih[layer - 1], gates, backwards)
+        gemv_dir(H, width, h_new + <size_t>(layer - 1) * H, <const real*>sh.W_ih[layer - 1],
+                 gates, CHARLM_GEMV_REVERSED if backwards else CHARLM_GEMV_FORWARDS)
         if not backwards:
             _team_recurrent(tag, job, sh, layer - 1, h_new + <size_t>(layer - 1) * H, backwards)
         if s == 0 and layer < top:
-            _team_recurrent(tag, job, sh, layer, h_old + <size_t>layer * H, backwards)
+            _team_recurrent(tag, job, sh, layer, h_old + <size_t>layer * H, backwards_before)
         if layer == top and backwards:
             _team_recurrent(tag, job, sh, top, h_old + <size_t>top * H, backwards)
     if job.cell == CELL_GRU:
@@ -2051,13 +2072,20 @@ def gemv_strip_widths(int N, int itemsize):
         n0 += width
 
 
+GEMV_ORDERS = {"forwards": CHARLM_GEMV_FORWARDS,
+               "strips backwards": CHARLM_GEMV_STRIPS_BACKWARDS,
+               "reversed": CHARLM_GEMV_REVERSED}
+
+
 def gemv_laid_out(const real[::1] x, const real[:, ::1] laid_out, real[::1] y,
-                  bint backwards=False):
-    """y += x @ W.T, laid_out = gemv_layout_of(W) (K, N) (for the tests)."""
+                  str order="forwards"):
+    """y += x @ W.T, laid_out = gemv_layout_of(W) (K, N), read in `order`, a
+    key of GEMV_ORDERS (for the tests)."""
+    cdef int direction = GEMV_ORDERS[order]
     cdef int K = laid_out.shape[0], N = laid_out.shape[1]
     _require(x.shape[0] == K and y.shape[0] == N, "gemv_laid_out: shape mismatch")
     with nogil:
-        gemv_dir(K, N, &x[0], &laid_out[0, 0], &y[0], backwards)
+        gemv_dir(K, N, &x[0], &laid_out[0, 0], &y[0], direction)
 
 
 cdef const real* _checked(object array, int rows, int cols, str what, list keep,
@@ -2137,7 +2165,7 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
                       const int[::1] prev_ids, const double[:, ::1] uniforms,
                       int[:, ::1] ids, double temperature=1.0, int top_k=0,
                       double top_p=1.0, bint argmax=False, double[:, :, ::1] probs=None,
-                      mirrored=None, split_output=None):
+                      mirrored=None, split_output=None, bint first_odd=False):
     """sample_steps for one stream on a team of len(shares) threads (see above).
 
     shares: per thread, (u0, n, W_ihT, W_ih, W_hh, bias, b_hh, peep, W_out):
@@ -2149,11 +2177,13 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
     its units' columns of the output weights, W_out[:, u0:u0 + n] laid out
     by gemv_layout_of ((n, V)).
     The rest as for sample_steps, with B = 1. mirrored: whether the
-    products go in mirrored orders (a GRU's sums are the same either way, an
-    LSTM's or RNN's the same round-off apart); split_output: whether the
+    products go in mirrored orders (the same sums round-off apart); split_output: whether the
     logits are summed from the shares' parts (round-off apart, the same);
     None: when the shares stream (team_streams), and for split_output also
-    when W_out is large (team_splits_output).
+    when W_out is large (team_splits_output). first_odd: prev_ids is the
+    stream's character of odd index (counting from 0) since the orders began
+    to alternate; mirrored orders alternate with the stream's characters, not
+    the call's, so that how a stream is cut into calls changes no sum.
     """
     cdef int L = h.shape[0], H = h.shape[2], V = b_out.shape[0]
     cdef int steps = ids.shape[0], code, per_unit, S = len(shares), k, start = 0
@@ -2191,6 +2221,7 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
     memset(job, 0, sizeof(TeamSampling))
     job.cell, job.L, job.H, job.V, job.blocks, job.shares = code, L, H, V, per_unit, S
     job.steps = steps
+    job.first_odd = first_odd
     try:
         for k in range(S):
             _share_pointers(&job.share[k], shares[k], start, L, per_unit, V, H,

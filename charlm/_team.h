@@ -418,12 +418,13 @@ static void charlm_one_stream_task_##SUFFIX(void* arg, int share, int t)        
     REAL* gate = job->gates + (size_t)t * job->blocks * H + u0;                   \
     const REAL* h_prev = job->h + (size_t)t * H;  /* all of h_{t-1} */            \
     REAL* h = job->h + (size_t)(t + 1) * H + u0;  /* this share of h_t */         \
-    const int backwards = t & 1;                                                  \
+    /* alternate steps mirror the strips' order (the same sums) */               \
+    const int order = t & 1 ? CHARLM_GEMV_STRIPS_BACKWARDS : CHARLM_GEMV_FORWARDS;\
     switch (job->cell) {                                                          \
     case CHARLM_LSTM:                                                             \
         /* pre = a + W_hh h_{t-1}   (4n) */                                       \
         charlm_copy_blocks_##SUFFIX(s->pre, n, gate, H, 4, n);                    \
-        charlm_gemv_dir_##SUFFIX(H, width, h_prev, s->laid_out, s->pre, backwards);\
+        charlm_gemv_dir_##SUFFIX(H, width, h_prev, s->laid_out, s->pre, order);    \
         charlm_lstm_forward_units_##SUFFIX(                                       \
             n, s->pre, job->c + (size_t)t * H + u0, job->c + (size_t)(t + 1) * H + u0,\
             job->tanh_c + (size_t)t * H + u0, h, s->peep);                        \
@@ -432,7 +433,7 @@ static void charlm_one_stream_task_##SUFFIX(void* arg, int share, int t)        
     case CHARLM_GRU:                                                              \
         /* hh = W_hh h_{t-1} + b_hh   (3n) */                                     \
         charlm_copy_blocks_##SUFFIX(s->hh, n, job->b_hh + u0, H, 3, n);           \
-        charlm_gemv_dir_##SUFFIX(H, width, h_prev, s->laid_out, s->hh, backwards);\
+        charlm_gemv_dir_##SUFFIX(H, width, h_prev, s->laid_out, s->hh, order);     \
         charlm_copy_blocks_##SUFFIX(s->pre, n, gate, H, 3, n);                    \
         charlm_gru_forward_units_##SUFFIX(n, s->pre, s->hh, h_prev + u0, h);      \
         charlm_copy_blocks_##SUFFIX(gate, H, s->pre, n, 3, n);                    \
@@ -441,7 +442,7 @@ static void charlm_one_stream_task_##SUFFIX(void* arg, int share, int t)        
         break;                                                                    \
     default:                                                                      \
         /* the pre-activations in place: one gate block */                        \
-        charlm_gemv_dir_##SUFFIX(H, n, h_prev, s->laid_out, gate, backwards);     \
+        charlm_gemv_dir_##SUFFIX(H, n, h_prev, s->laid_out, gate, order);         \
         for (int j = 0; j < n; j++)                                               \
             h[j] = job->cell == CHARLM_RNN_RELU ? (gate[j] > 0 ? gate[j] : 0)     \
                                                 : TANH(gate[j]);                  \

@@ -134,6 +134,7 @@ class FusedSampler:
         self._shares = _team_shares(model, _team_threads(config)) if B == 1 else None
         # the team's order of products and its output layer: by size (sample_steps_team)
         self._mirrored = self._split_output = None
+        self._characters_fed = 0    # the team's mirrored orders alternate with them
         self.h = np.array(state.h, dtype, order="C")
         self.c = (np.array(state.c, dtype, order="C") if self._has_c
                   else np.empty((0, 0, 0), dtype))
@@ -163,10 +164,12 @@ class FusedSampler:
             W_out, b_out = self._weights[-2:]
             K.sample_steps_team(self.cell, self._shares, W_out, b_out, self.h, self.c,
                                 prev_ids, uniforms, ids, *decoding, mirrored=self._mirrored,
-                                split_output=self._split_output)
+                                split_output=self._split_output,
+                                first_odd=self._characters_fed % 2 == 1)
         else:
             K.sample_steps(self.cell, *self._weights, self.h, self.c, prev_ids, uniforms, ids,
                            *decoding, self._peep)
+        self._characters_fed += len(ids)
         return ids
 
 

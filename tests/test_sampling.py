@@ -156,26 +156,32 @@ def test_gemv_matches_numpy_and_each_column_alone(dtype, K_in):
     """y += x @ W.T through the strip layout, for widths with and without
     whole vectors, leftover vectors and single columns: as numpy computes
     it, and every column bit for bit as the same column laid out alone (a
-    team member's share must not change a sum), in either strip order."""
+    team member's share must not change a sum), in either strip order; read
+    in reverse, each column summed from the last input to the first: bit for
+    bit the forward sum of the inputs taken in reverse."""
     rng = np.random.default_rng(K_in)
     for N in _gemv_widths(np.dtype(dtype).itemsize):
         W = rng.standard_normal((N, K_in)).astype(dtype)
         x = rng.standard_normal(K_in).astype(dtype)
         y0 = rng.standard_normal(N).astype(dtype)
         laid_out = K.gemv_layout_of(W)
-        results = []
-        for backwards in (False, True):
+        results = {}
+        for order in K.GEMV_ORDERS:
             y = y0.copy()
-            K.gemv_laid_out(x, laid_out, y, backwards)
-            results.append(y)
-        np.testing.assert_array_equal(results[0], results[1])
+            K.gemv_laid_out(x, laid_out, y, order)
+            results[order] = y
+        np.testing.assert_array_equal(results["forwards"], results["strips backwards"])
         expected = y0.astype(np.float64) + W.astype(np.float64) @ x.astype(np.float64)
         tolerance = 1e-12 if dtype == "float64" else 1e-5
-        np.testing.assert_allclose(results[0], expected, rtol=tolerance, atol=tolerance)
+        for y in results.values():
+            np.testing.assert_allclose(y, expected, rtol=tolerance, atol=tolerance)
+        inputs_reversed = y0.copy()
+        K.gemv_laid_out(x[::-1].copy(), K.gemv_layout_of(W[:, ::-1].copy()), inputs_reversed)
+        np.testing.assert_array_equal(results["reversed"], inputs_reversed)
         for n in {0, N // 2, N - 1}:
             alone = y0[n:n + 1].copy()
             K.gemv_laid_out(x, K.gemv_layout_of(W[n:n + 1]), alone)
-            assert alone[0] == results[0][n], (N, n)
+            assert alone[0] == results["forwards"][n], (N, n)
 
 
 def test_sampler_layout_depends_on_the_batch():
