@@ -143,24 +143,30 @@ charlm_gemv_block_##SUFFIX(const int vecs, const int has_tail, int tail, int K, 
 /* y[0:width] += x @ Bt[:, 0:width] for one strip of any width up to              \
  * CHARLM_GEMV_MAX_VECS vectors (the partial one included). */                    \
 static inline void charlm_gemv_strip_##SUFFIX(int K, int width, const REAL* x,    \
-                                              const REAL* bt, REAL* y,            \
-                                              int reversed)                       \
+                                              const REAL* bt, REAL* y)            \
 {                                                                                 \
     const int lanes = (int)(sizeof(VEC) / sizeof(REAL));                          \
     const int vecs = width / lanes, tail = width % lanes;                         \
-    if (reversed) {                                                               \
-        switch (2 * vecs + (tail > 0)) {                                          \
-        CHARLM_GEMV_CASES(SUFFIX, 1)                                              \
-        default: break;         /* wider than the layout ever makes */            \
-        }                                                                         \
-    } else {                                                                      \
-        switch (2 * vecs + (tail > 0)) {                                          \
-        CHARLM_GEMV_CASES(SUFFIX, 0)                                              \
-        default: break;                                                           \
-        }                                                                         \
+    switch (2 * vecs + (tail > 0)) {                                              \
+    CHARLM_GEMV_CASES(SUFFIX, 0)                                                  \
+    default: break;             /* wider than the layout ever makes */            \
+    }                                                                             \
+}                                                                                 \
+                                                                                  \
+/* The same, the rows read last to first. Out of line: only large matrices        \
+ * (whose reading order matters) take it, and small ones keep their code          \
+ * compact. */                                                                    \
+static __attribute__((noinline)) void                                             \
+charlm_gemv_strip_reversed_##SUFFIX(int K, int width, const REAL* x,              \
+                                    const REAL* bt, REAL* y)                      \
+{                                                                                 \
+    const int lanes = (int)(sizeof(VEC) / sizeof(REAL));                          \
+    const int vecs = width / lanes, tail = width % lanes;                         \
+    switch (2 * vecs + (tail > 0)) {                                              \
+    CHARLM_GEMV_CASES(SUFFIX, 1)                                                  \
+    default: break;                                                               \
     }                                                                             \
 }
-
 #define CHARLM_GEMV_CASE(SUFFIX, V, R)                                            \
     case 2 * V: charlm_gemv_block_##SUFFIX(V, 0, 0, K, x, bt, y, R); break;       \
     case 2 * V + 1: charlm_gemv_block_##SUFFIX(V, 1, tail, K, x, bt, y, R); break;
@@ -236,31 +242,37 @@ static inline void charlm_gemv_layout_##SUFFIX(int K, int N, const REAL* b,     
  * evict its last ones, the oldest there): REVERSED keeps all of it. */           \
 static inline void charlm_gemv_dir_##SUFFIX(int K, int N, const REAL* x,          \
                                             const REAL* laid_out, REAL* y,        \
-                                            int direction)                        \
+                                            int order)                            \
 {                                                                                 \
     const int lanes = (int)(sizeof(charlm_v##SUFFIX) / sizeof(REAL));             \
     const int n_last = charlm_gemv_last_strip(N, STRIP, lanes);                   \
     /* the whole strips, the last one too when it is one */                       \
     const int whole = N - n_last == STRIP ? n_last / STRIP + 1 : n_last / STRIP;  \
     const int n_rest = whole * STRIP;   /* a widened or narrower last strip */    \
-    const int backwards = direction != CHARLM_GEMV_FORWARDS;                      \
-    const int reversed = direction == CHARLM_GEMV_REVERSED;                       \
+    const int backwards = order != CHARLM_GEMV_FORWARDS;                          \
     int s;                                                                        \
+    if (order == CHARLM_GEMV_REVERSED) {                                          \
+        if (n_rest < N)                                                           \
+            charlm_gemv_strip_reversed_##SUFFIX(K, N - n_rest, x,                 \
+                                                laid_out + (size_t)n_rest * K,    \
+                                                y + n_rest);                      \
+        for (s = whole - 1; s >= 0; s--)                                          \
+            charlm_gemv_strip_reversed_##SUFFIX(K, STRIP, x,                      \
+                                                laid_out + (size_t)s * STRIP * K, \
+                                                y + s * STRIP);                   \
+        return;                                                                   \
+    }                                                                             \
     if (backwards && n_rest < N)                                                  \
         charlm_gemv_strip_##SUFFIX(K, N - n_rest, x, laid_out + (size_t)n_rest * K, \
-                                   y + n_rest, reversed);                         \
+                                   y + n_rest);                                   \
     for (s = 0; s < whole; s++) {                                                 \
         const int n0 = (backwards ? whole - 1 - s : s) * STRIP;                   \
-        if (reversed)                                                             \
-            charlm_gemv_block_##SUFFIX(CHARLM_GEMV_VECS, 0, 0, K, x,              \
-                                       laid_out + (size_t)n0 * K, y + n0, 1);     \
-        else                                                                      \
-            charlm_gemv_block_##SUFFIX(CHARLM_GEMV_VECS, 0, 0, K, x,              \
-                                       laid_out + (size_t)n0 * K, y + n0, 0);     \
+        charlm_gemv_block_##SUFFIX(CHARLM_GEMV_VECS, 0, 0, K, x,                  \
+                                   laid_out + (size_t)n0 * K, y + n0, 0);         \
     }                                                                             \
     if (!backwards && n_rest < N)                                                 \
         charlm_gemv_strip_##SUFFIX(K, N - n_rest, x, laid_out + (size_t)n_rest * K, \
-                                   y + n_rest, 0);                                \
+                                   y + n_rest);                                   \
 }                                                                                 \
                                                                                   \
 /* y[0:N] += x[0:K] @ Bt, Bt laid out by charlm_gemv_layout. */                   \
