@@ -1765,8 +1765,8 @@ def sample_steps(str cell, const real[:, ::1] W_ihT, tuple W_ih, tuple W_hh,
 # characters: round-off from one thread for every cell, the GRU's too, but
 # the same sums however many threads share the units, and, as the orders
 # alternate with the stream's characters, however the stream is cut into
-# calls. 2x512 GRU 120.1 -> 118.1 us per character, 2x512 LSTM 176.5 ->
-# 172.9 (medians of 8 and 4 alternations of 1,024-character calls). A small
+# calls. 2x512 GRU 120.1 -> 116.9 us per character, 2x512 LSTM 176.5 ->
+# 172.9 (medians of 4 alternations of 1,024-character calls). A small
 # model's shares sit in L2 whatever the order, and on odd characters the
 # other shares would no longer have a product to do while share 0 draws:
 # 2x128 GRU 3% slower. So the mirrored orders are for shares of more than
@@ -2177,8 +2177,9 @@ def sample_steps_team(str cell, list shares, const real[:, ::1] W_out,
     its units' columns of the output weights, W_out[:, u0:u0 + n] laid out
     by gemv_layout_of ((n, V)).
     The rest as for sample_steps, with B = 1. mirrored: whether the
-    products go in mirrored orders (the same sums round-off apart); split_output: whether the
-    logits are summed from the shares' parts (round-off apart, the same);
+    products go in mirrored orders (round-off apart, the same sums);
+    split_output: whether the logits are summed from the shares' parts
+    (round-off apart, the same);
     None: when the shares stream (team_streams), and for split_output also
     when W_out is large (team_splits_output). first_odd: prev_ids is the
     stream's character of odd index (counting from 0) since the orders began
