@@ -22,6 +22,7 @@ case ~4e-7, i.e. a few float32 ulps of the array's scale).
 import numpy as np
 import pytest
 
+from charlm import _kernels as K
 from charlm import reference
 from charlm.model import CELLS, Config, Model, _dropout_mask
 
@@ -92,6 +93,23 @@ def test_kernels_match_reference(cell, layers, dropout, dtype):
         _assert_close(state_grad.c, dc0, dtype, "dL/dc0")
     else:
         assert cT is None and dc0 is None
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_kernels_match_reference_with_dW_hh_summed_in_spans(cell):
+    """A chunk long and wide enough for the BPTT loops to add dW_hh in
+    several spans of steps, the last one shorter: the same gradients."""
+    H, T, B = 64, 19, 64
+    model, x, y, state = _problem(cell, 2, "float64", H=H, T=T, B=B, seed=3)
+    gates = model.config.gates
+    span = K.gradient_span_steps(T, B, gates, H, 8)
+    assert 1 < span < T and T % span, span          # several spans, a partial one
+    loss, grads, _ = model.loss_and_grads(x, y, state)
+    ref_loss, ref_grads = reference.loss_and_grads(model.config, model.params, x, y,
+                                                   state.h, state.c)[:2]
+    assert loss == pytest.approx(ref_loss, rel=1e-12, abs=0)
+    for name, grad in grads.items():
+        _assert_close(grad, ref_grads[name], "float64", name)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
