@@ -326,16 +326,21 @@ cdef void weight_gradient(int G, int In, int N, const real* dgates, const real* 
 
 
 # The BPTT loops add dW_hh = sum_t dgates[t].T @ h[t] in spans of steps, each
-# as soon as the loop has its dgates, rather than in one product at the end.
-# The product copies dgates.T in blocks (see weight_gradient), which runs at
-# its best from L2: a 2x128 LSTM worker's dgates for a chunk (50 steps of 25
+# as soon as the loop has its dgates, rather than in one product at the end;
+# a layer fed by the layer below adds its input product's gradients (dW_ih,
+# and dx for the layer below) in the same spans (`below`). The weight
+# gradient copies dgates.T in blocks (see weight_gradient), which runs at its
+# best from L2: a 2x128 LSTM worker's dgates for a chunk (50 steps of 25
 # streams) is 2.6 MB, more than the Intel Xeon's 2 MB L2, and its product ran
 # at 132 GFLOP/s from L3 against 147 over 250 rows from L2 (one core). Each
 # span adds one more pass over dW, which pays only while dW is small: a
-# 2x512 LSTM's (4 MB) lost 1.5%, so its sum stays whole. Training, 2 workers,
-# Intel Xeon (2026-12-06), medians of 5 alternations: LSTM 2x128 186.4k ->
-# 187.5k chars/s (+1.3% round by round), GRU 2x128 +1.5%, RNN 2x128 +0.4%,
-# LSTM 1x128 +1.2%; spans of 256 KB, 512 KB and 1 MB of dgates alike.
+# 2x512 LSTM's (4 MB) lost 1.5%, so its sums stay whole. Training, 2 workers,
+# Intel Xeon (2026-12-06), alternations: dW_hh in spans, LSTM 2x128 +1.3%
+# round by round (186.4k -> 187.5k chars/s, medians of 5), GRU 2x128 +1.5%,
+# RNN 2x128 +0.4%, LSTM 1x128 +1.2%; with the input side too, LSTM 2x128
+# +2.7% and +4% in two runs of 3-4 rounds (186.2k -> 191.3k), GRU 2x128 +6%,
+# RNN +2%, GRU 2x512 +1.6%, LSTM 2x512 unchanged. Spans of 256 KB, 512 KB and
+# 1 MB of dgates did alike.
 cdef enum:
     GRADIENT_SPAN_BYTES = 512 * 1024          # of dgates per span
     SPANNED_GRADIENT_MAX_BYTES = 256 * 1024   # dW summed whole when larger
@@ -354,18 +359,78 @@ def gradient_span_steps(int T, int B, int G, int In, int itemsize):
     return gradient_span(T, B, G, In, itemsize)
 
 
-cdef inline int add_gradient_span(int t, int span, int span_end, int T, int B, int G, int In,
-                                  const real* dgates, const real* x, real* dW) noexcept nogil:
+cdef struct InputSide:
+    # A layer fed by the layer below (not by the ids): the gradients of its
+    # input product, added span by span with dW_hh (BPTT loops' `below`).
+    int In                     # 0: none
+    const void* x              # (T*B, In): the layer's input
+    const void* W_ih           # (G, In)
+    bint pack_W_ih             # dx's products on the packed kernel (worth_packing)
+    const void* W_ih_packed    # W_ih packed for them, at the first span; or NULL
+    void* dW_ih                # (G, In), overwritten
+    void* dx                   # (T*B, In), overwritten: dL/dx, for the layer below
+
+
+cdef int input_side(tuple below, int N, int G, InputSide* side, const real* tag) except -1:
+    """Points side at below = (x (N, In), W_ih (G, In), dW_ih (G, In), dx (N, In))
+    once checked; side.In = 0 for None. Free side.W_ih_packed, which the
+    first span packs, with charlm_free_lines."""
+    cdef const real[:, ::1] x, W_ih
+    cdef real[:, ::1] dW_ih, dx
+    memset(side, 0, sizeof(InputSide))
+    if below is None:
+        return 0
+    _require(len(below) == 4, "below must be (x, W_ih, dW_ih, dx)")
+    x, W_ih, dW_ih, dx = below
+    cdef int In = x.shape[1]
+    _require(In >= 1 and x.shape[0] == N and _shape(W_ih, 2) == (G, In)
+             and _shape(dW_ih, 2) == (G, In) and _shape(dx, 2) == (N, In),
+             "below: shape mismatch")
+    side.In = In
+    side.x, side.W_ih, side.dW_ih, side.dx = &x[0, 0], &W_ih[0, 0], &dW_ih[0, 0], &dx[0, 0]
+    side.pack_W_ih = worth_packing(N, In, G, &dx[0, 0])
+    return 0
+
+
+cdef inline int add_gradient_span(int t, int span, int span_end, int T, int B, int G, int H,
+                                  const real* dgates_h, const real* h, real* dW_hh,
+                                  const real* dgates_x, InputSide* below) noexcept nogil:
     """After BPTT step t (steps run from T - 1 down to 0): once the steps
-    [t, span_end) make a span, or t is the first step, dW (G, In) (+)=
-    dgates[t:span_end].T @ x[t:span_end] for dgates (T, B, G) and x (T, B, In)
-    (the chunk's last span in time overwrites dW). Returns the end of the
-    next span."""
+    [t, span_end) make a span, or t is the first step, add their part of
+    the weight gradients: dW_hh (G, H) (+)= dgates_h[t:span_end].T @
+    h[t:span_end], for dgates_h (T, B, G) and h (T, B, H) (the chunk's last
+    span in time overwrites dW_hh); with a layer below, the same for dW_ih
+    from dgates_x and x, and dx[t:span_end] = dgates_x[t:span_end] @ W_ih.
+    Returns the end of the next span."""
+    cdef int rows = (span_end - t) * B, In = below.In
+    cdef size_t first = <size_t>t * B       # the span's first row
     if span_end - t < span and t > 0:
         return span_end
-    weight_gradient(G, In, (span_end - t) * B, dgates + <size_t>t * B * G,
-                    x + <size_t>t * B * In, dW, span_end != T)
+    weight_gradient(G, H, rows, dgates_h + first * G, h + first * H, dW_hh, span_end != T)
+    if In > 0:
+        # packed here rather than before the loop, which it would only crowd
+        # out of cache (2x512 models: 4 MB, used at the end of the chunk)
+        if below.pack_W_ih and below.W_ih_packed == NULL:
+            below.W_ih_packed = pack_or_null(<const real*>below.W_ih, G, In, In, 1)
+        input_backward(rows, G, In, dgates_x + first * G, <const real*>below.x + first * In,
+                       <const real*>below.W_ih, <const real*>below.W_ih_packed,
+                       <real*>below.dW_ih, span_end != T, <real*>below.dx + first * In)
     return t
+
+
+cdef void input_backward(int N, int G, int In, const real* dgates, const real* x,
+                         const real* W_ih, const real* W_ih_packed, real* dW_ih,
+                         bint accumulate, real* dx) noexcept nogil:
+    """The input product's backward for N rows: dW_ih (G, In) (+)= dgates.T @ x
+    and dx (N, In) = dgates @ W_ih, for dgates (N, G), x (N, In), W_ih (G, In)
+    (W_ih_packed: W_ih packed by pack_or_null, or NULL for BLAS)."""
+    # dW_ih (+)= dgates.T @ x                  (G,In) = (G,N) @ (N,In)
+    weight_gradient(G, In, N, dgates, x, dW_ih, accumulate)
+    # dx = dgates @ W_ih                       (N,In) = (N,G) @ (G,In)
+    if W_ih_packed != NULL:
+        packed_gemm(N, In, G, dgates, G, W_ih_packed, False, dx, In)
+    else:
+        gemm(False, False, N, In, G, 1, dgates, G, W_ih, In, 0, dx, In)
 
 
 # The recurrences' two products with W_hh (G, H), forward and backward. With
@@ -807,13 +872,22 @@ def input_from_dense_backward(const real[:, ::1] x, const real[:, ::1] W_ih,
              and dW_ih.shape[0] == G and dW_ih.shape[1] == In and dbias.shape[0] == G
              and dx.shape[0] == N and dx.shape[1] == In,
              "input_from_dense_backward: shape mismatch")
+    cdef real* W_ih_packed = NULL
+    if worth_packing(N, In, G, &dx[0, 0]):
+        W_ih_packed = pack_or_null(&W_ih[0, 0], G, In, In, 1)
     with nogil:
-        # dW_ih = dgates.T @ x                     (G,In) = (G,N) @ (N,In)
-        weight_gradient(G, In, N, &dgates[0, 0], &x[0, 0], &dW_ih[0, 0])
-        # dx = dgates @ W_ih                       (N,In) = (N,G) @ (G,In)
-        times_weights(False, N, In, G, &dgates[0, 0], G, &W_ih[0, 0], In, NULL,
-                      False, &dx[0, 0], In)
+        input_backward(N, G, In, &dgates[0, 0], &x[0, 0], &W_ih[0, 0], W_ih_packed,
+                       &dW_ih[0, 0], False, &dx[0, 0])
         column_sums(&dgates[0, 0], N, G, &dbias[0])
+    charlm_free_lines(W_ih_packed)
+
+
+def bias_gradient(const real[:, ::1] dgates, real[::1] dbias):
+    """dbias (G,) = dgates.sum(0) for dgates (N, G): the input bias's gradient
+    of a layer whose other input gradients its BPTT loop added (`below`)."""
+    _require(dbias.shape[0] == dgates.shape[1], "bias_gradient: shape mismatch")
+    with nogil:
+        column_sums(&dgates[0, 0], dgates.shape[0], dgates.shape[1], &dbias[0])
 
 
 cdef void _check_recurrence(int T, int B, int H, int G, tuple shapes) except *:
@@ -876,7 +950,7 @@ def rnn_forward(bint relu, real[:, :, ::1] gates, const real[:, ::1] W_hh,
 
 def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
                  const real[:, :, ::1] dh_out, real[:, ::1] dh_carry,
-                 real[:, :, ::1] dgates, real[:, ::1] dW_hh):
+                 real[:, :, ::1] dgates, real[:, ::1] dW_hh, tuple below=None):
     """Truncated BPTT through the chunk.
 
     h (T+1, B, H) from rnn_forward; W_hh (H, H).
@@ -885,6 +959,8 @@ def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
         out, dL/dh_0, the gradient for the initial state.
     dgates (T, B, H) written: dL/d(pre-activation).
     dW_hh (H, H) overwritten.
+    below: for a layer fed by the layer below, (x, W_ih, dW_ih, dx) (see
+        InputSide): dW_ih and dx are added as the loop goes, too.
     """
     cdef int T = dh_out.shape[0], B = dh_out.shape[1], H = dh_out.shape[2]
     cdef int t, b, j, span_end = T, span = gradient_span(T, B, H, H, sizeof(real))
@@ -896,6 +972,8 @@ def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
     cdef real* W_hh_packed
     _check_recurrence(T, B, H, H, (_shape(dgates, 3), _shape(W_hh, 2), _shape(h, 3)))
     _require(_shape(dh_carry, 2) == (B, H), "dh_carry must be (B, H)")
+    cdef InputSide side
+    input_side(below, T * B, H, &side, &dgates[0, 0, 0])
     W_hh_packed = pack_W_hh(&W_hh[0, 0], H, H, B)
     try:
         with nogil:
@@ -916,9 +994,11 @@ def rnn_backward(bint relu, const real[:, :, ::1] h, const real[:, ::1] W_hh,
                            &dh_carry[0, 0])
                 # dW_hh = dgates.T @ h[:T]         (H,H) = (H,N) @ (N,H), by spans
                 span_end = add_gradient_span(t, span, span_end, T, B, H, H, &dgates[0, 0, 0],
-                                             &h[0, 0, 0], &dW_hh[0, 0])
+                                             &h[0, 0, 0], &dW_hh[0, 0], &dgates[0, 0, 0],
+                                             &side)
     finally:
         charlm_free_lines(W_hh_packed)
+        charlm_free_lines(<void*>side.W_ih_packed)
 
 
 # ---------------------------------------------------------------------------
@@ -1032,7 +1112,7 @@ def lstm_backward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
                   const real[:, :, ::1] tanh_c, const real[:, :, ::1] dh_out,
                   real[:, ::1] dh_carry, real[:, ::1] dc_carry,
                   real[:, ::1] dW_hh,
-                  const real[:, ::1] peep=None, real[:, ::1] dpeep=None):
+                  const real[:, ::1] peep=None, real[:, ::1] dpeep=None, tuple below=None):
     """Truncated BPTT through the chunk.
 
     gates (T, B, 4H): in, the activated gates from lstm_forward; out, dgates,
@@ -1045,6 +1125,8 @@ def lstm_backward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
     dW_hh (4H, H) overwritten.
     peep (3, H), dpeep (3, H) overwritten: the peephole LSTM; both None
         for the plain one.
+    below: for a layer fed by the layer below, (x, W_ih, dW_ih, dx) (see
+        InputSide): dW_ih and dx are added as the loop goes, too.
     """
     cdef int T = dh_out.shape[0], B = dh_out.shape[1], H = dh_out.shape[2], G = 4 * H
     cdef int t, b, span_end = T, span = gradient_span(T, B, G, H, sizeof(real))
@@ -1061,6 +1143,8 @@ def lstm_backward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
         _require(_shape(dpeep, 2) == (3, H), f"dpeep must be (3, {H})")
         dw_peep = &dpeep[0, 0]
         memset(dw_peep, 0, 3 * H * sizeof(real))
+    cdef InputSide side
+    input_side(below, T * B, G, &side, &gates[0, 0, 0])
     W_hh_packed = pack_W_hh(&W_hh[0, 0], G, H, B)
     try:
         with nogil:
@@ -1076,9 +1160,11 @@ def lstm_backward(real[:, :, ::1] gates, const real[:, ::1] W_hh,
                            &dh_carry[0, 0])
                 # dW_hh = dgates.T @ h[:T]         (4H,H) = (4H,N) @ (N,H), by spans
                 span_end = add_gradient_span(t, span, span_end, T, B, G, H, &gates[0, 0, 0],
-                                             &h[0, 0, 0], &dW_hh[0, 0])
+                                             &h[0, 0, 0], &dW_hh[0, 0], &gates[0, 0, 0],
+                                             &side)
     finally:
         charlm_free_lines(W_hh_packed)
+        charlm_free_lines(<void*>side.W_ih_packed)
 
 
 # ---------------------------------------------------------------------------
@@ -1171,7 +1257,7 @@ def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
                  const real[:, ::1] W_hh, const real[:, :, ::1] h,
                  const real[:, :, ::1] dh_out, real[:, ::1] dh_carry,
                  real[:, :, ::1] dgates_x, real[:, :, ::1] dgates_h,
-                 real[:, ::1] dW_hh, real[::1] db_hh):
+                 real[:, ::1] dW_hh, real[::1] db_hh, tuple below=None):
     """Truncated BPTT through the chunk.
 
     gates (T, B, 3H) activated and hn (T, B, H): from gru_forward.
@@ -1192,6 +1278,8 @@ def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
              and _shape(dgates_x, 3) == (T, B, G) and _shape(dgates_h, 3) == (T, B, G)
              and _shape(dW_hh, 2) == (G, H) and db_hh.shape[0] == G,
              "gru_backward: shape mismatch")
+    cdef InputSide side
+    input_side(below, T * B, G, &side, &dgates_x[0, 0, 0])
     W_hh_packed = pack_W_hh(&W_hh[0, 0], G, H, B)
     try:
         with nogil:
@@ -1207,10 +1295,12 @@ def gru_backward(const real[:, :, ::1] gates, const real[:, :, ::1] hn,
                            &dh_carry[0, 0])
                 # dW_hh = dgates_h.T @ h[:T]           (3H,H) = (3H,N) @ (N,H), by spans
                 span_end = add_gradient_span(t, span, span_end, T, B, G, H, &dgates_h[0, 0, 0],
-                                             &h[0, 0, 0], &dW_hh[0, 0])
+                                             &h[0, 0, 0], &dW_hh[0, 0], &dgates_x[0, 0, 0],
+                                             &side)
             column_sums(&dgates_h[0, 0, 0], T * B, G, &db_hh[0])
     finally:
         charlm_free_lines(W_hh_packed)
+        charlm_free_lines(<void*>side.W_ih_packed)
 
 
 # ---------------------------------------------------------------------------

@@ -440,26 +440,29 @@ class Model:
         dh_out = d_output.reshape(T, B, -1)
         if cache.dropout_mask is not None:
             dh_out = dh_out * cache.dropout_mask
-        dgates, dgates_h = self._backward_recurrence(layer, cache, dh_out, state_grad)
         N = x.size
         db = g[f"bias_ih_l{layer}"]
         if layer == 0:
+            dgates, dgates_h = self._backward_recurrence(layer, cache, dh_out, state_grad)
             dW_ihT = self._current.dW_ihT
             K.input_from_ids_backward(x.reshape(-1), dgates.reshape(N, -1), dW_ihT, db)
             np.copyto(g["weight_ih_l0"], dW_ihT.T)
             d_below = None
         else:
-            below = caches[layer - 1].output
+            # the BPTT loop adds dW_ih and dL/d(input) as it goes (its `below`)
             d_below = cache.d_input
-            K.input_from_dense_backward(_rows(below), p[f"weight_ih_l{layer}"],
-                                        dgates.reshape(N, -1), g[f"weight_ih_l{layer}"],
-                                        db, d_below)
+            below = (_rows(caches[layer - 1].output), p[f"weight_ih_l{layer}"],
+                     g[f"weight_ih_l{layer}"], d_below)
+            dgates, dgates_h = self._backward_recurrence(layer, cache, dh_out, state_grad,
+                                                         below)
+            K.bias_gradient(dgates.reshape(N, -1), db)
         if dgates_h is None:            # LSTM/RNN: both biases enter the sum equally
             g[f"bias_hh_l{layer}"][...] = db
         return d_below
 
-    def _backward_recurrence(self, layer, cache, dh_out, state_grad):
-        """Runs the cell's BPTT kernel; returns (dgates for W_ih, dgates for W_hh or None)."""
+    def _backward_recurrence(self, layer, cache, dh_out, state_grad, below=None):
+        """Runs the cell's BPTT kernel (with `below`, see lstm_backward); returns
+        (dgates for W_ih, dgates for W_hh or None)."""
         cell, g, p = self.config.cell, self.grads, self.params
         W_hh, dW_hh = p[f"weight_hh_l{layer}"], g[f"weight_hh_l{layer}"]
         # Truncated BPTT: no gradient arrives from beyond the chunk's end.
@@ -470,15 +473,16 @@ class Model:
             dc_carry[...] = 0
             peep = f"weight_peep_l{layer}"
             K.lstm_backward(dgates, W_hh, cache.h, cache.c, cache.tanh_c, dh_out,
-                            dh_carry, dc_carry, dW_hh, p.get(peep), g.get(peep))
+                            dh_carry, dc_carry, dW_hh, p.get(peep), g.get(peep), below)
             if state_grad is not None:
                 state_grad.c[layer] = dc_carry
         elif cell == "gru":
             dgates_h = cache.dgates_h
             K.gru_backward(cache.gates, cache.hn, W_hh, cache.h, dh_out, dh_carry,
-                           dgates, dgates_h, dW_hh, g[f"bias_hh_l{layer}"])
+                           dgates, dgates_h, dW_hh, g[f"bias_hh_l{layer}"], below)
         else:
-            K.rnn_backward(cell == "rnn-relu", cache.h, W_hh, dh_out, dh_carry, dgates, dW_hh)
+            K.rnn_backward(cell == "rnn-relu", cache.h, W_hh, dh_out, dh_carry, dgates, dW_hh,
+                           below)
         if state_grad is not None:
             state_grad.h[layer] = dh_carry
         return dgates, dgates_h
