@@ -81,6 +81,19 @@ static inline int charlm_gemv_last_strip(int N, int strip, int lanes)
 
 #define CHARLM_DEFINE_GEMV(SUFFIX, REAL, VEC)                                     \
                                                                                   \
+/* The last row of a strip with a tail: its whole vectors into acc, its tail     \
+ * column by column into y_tail (a vector load would run past the matrix). */    \
+static inline __attribute__((always_inline)) void                                 \
+charlm_gemv_last_row_##SUFFIX(const int vecs, int tail, const REAL x_k,            \
+                              const REAL* row, VEC* acc, REAL* y_tail)            \
+{                                                                                 \
+    const int lanes = (int)(sizeof(VEC) / sizeof(REAL));                          \
+    for (int v = 0; v < vecs; v++)                                                \
+        acc[v] += x_k * *(const VEC*)(row + v * lanes);                           \
+    for (int j = 0; j < tail; j++)                                                \
+        y_tail[j] += x_k * row[vecs * lanes + j];                                 \
+}                                                                                 \
+                                                                                  \
 /* y[0:width] += x @ Bt[:, 0:width], width = vecs*lanes + tail, Bt row-major      \
  * with rows `width` apart (a strip of the layout). `vecs` and                    \
  * `has_tail` are compile-time constants in every call (always inlined into a     \
@@ -100,7 +113,7 @@ charlm_gemv_block_##SUFFIX(const int vecs, const int has_tail, int tail, int K, 
     VEC acc_tail = {0};                                                           \
     REAL y_tail[sizeof(VEC) / sizeof(REAL)] = {0};                                \
     const int k_vector = has_tail && K > 0 ? K - 1 : K;  /* rows whole vectors */ \
-    int v, k, j;                                                                  \
+    int v, k;                                                                     \
     for (v = 0; v < vecs; v++)                                                    \
         acc[v] = *(const VEC*)(y + v * lanes);                                    \
     if (has_tail) {                                                               \
@@ -108,12 +121,8 @@ charlm_gemv_block_##SUFFIX(const int vecs, const int has_tail, int tail, int K, 
         acc_tail = *(const VEC*)y_tail;                                           \
     }                                                                             \
     if (has_tail && reversed && k_vector < K) {  /* the last row first */         \
-        const REAL x_k = x[k_vector];                                             \
-        const REAL* row = bt + (size_t)k_vector * ldb;                            \
-        for (v = 0; v < vecs; v++)                                                \
-            acc[v] += x_k * *(const VEC*)(row + v * lanes);                       \
-        for (j = 0; j < tail; j++)                                                \
-            y_tail[j] += x_k * row[vecs * lanes + j];                             \
+        charlm_gemv_last_row_##SUFFIX(vecs, tail, x[k_vector],                    \
+                                      bt + (size_t)k_vector * ldb, acc, y_tail);  \
         acc_tail = *(const VEC*)y_tail;                                           \
     }                                                                             \
     for (k = 0; k < k_vector; k++) {                                              \
@@ -126,14 +135,9 @@ charlm_gemv_block_##SUFFIX(const int vecs, const int has_tail, int tail, int K, 
     }                                                                             \
     if (has_tail) {                                                               \
         memcpy(y_tail, &acc_tail, sizeof y_tail);                                 \
-        if (!reversed && k_vector < K) {  /* the last row's tail, by column */     \
-            const REAL x_k = x[k_vector];                                         \
-            const REAL* row = bt + (size_t)k_vector * ldb;                        \
-            for (v = 0; v < vecs; v++)                                            \
-                acc[v] += x_k * *(const VEC*)(row + v * lanes);                   \
-            for (j = 0; j < tail; j++)                                            \
-                y_tail[j] += x_k * row[vecs * lanes + j];                         \
-        }                                                                         \
+        if (!reversed && k_vector < K)  /* the last row */                        \
+            charlm_gemv_last_row_##SUFFIX(vecs, tail, x[k_vector],                \
+                                          bt + (size_t)k_vector * ldb, acc, y_tail);\
         memcpy(y + vecs * lanes, y_tail, tail * sizeof(REAL));                    \
     }                                                                             \
     for (v = 0; v < vecs; v++)                                                    \
