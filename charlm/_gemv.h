@@ -231,7 +231,7 @@ static inline void charlm_gemv_layout_##SUFFIX(int K, int N, const REAL* b,     
 }                                                                                 \
                                                                                   \
 /* y[0:N] += x[0:K] @ Bt, Bt laid out by charlm_gemv_layout, read in one of       \
- * three orders (a CHARLM_GEMV_* direction):                                      \
+ * three orders (a CHARLM_GEMV_* order):                                          \
  * - FORWARDS: strip by strip, each strip's rows first to last;                   \
  * - STRIPS_BACKWARDS: the strips last to first, each still row by row from the   \
  *   first: each output's sum the same as forwards, to the last bit;              \

@@ -402,10 +402,11 @@ cdef inline int add_gradient_span(int t, int span, int span_end, int T, int B, i
     span in time overwrites dW_hh); with a layer below, the same for dW_ih
     from dgates_x and x, and dx[t:span_end] = dgates_x[t:span_end] @ W_ih.
     Returns the end of the next span."""
-    cdef int rows = (span_end - t) * B, In = below.In
+    cdef int rows, In = below.In
     cdef size_t first = <size_t>t * B       # the span's first row
     if span_end - t < span and t > 0:
         return span_end
+    rows = (span_end - t) * B
     weight_gradient(G, H, rows, dgates_h + first * G, h + first * H, dW_hh, span_end != T)
     if In > 0:
         # packed here rather than before the loop, which it would only crowd

@@ -442,19 +442,17 @@ class Model:
             dh_out = dh_out * cache.dropout_mask
         N = x.size
         db = g[f"bias_ih_l{layer}"]
+        # Above layer 0 the BPTT loop adds dW_ih and dL/d(input) as it goes.
+        d_below = None if layer == 0 else cache.d_input
+        below = None if layer == 0 else (_rows(caches[layer - 1].output),
+                                         p[f"weight_ih_l{layer}"], g[f"weight_ih_l{layer}"],
+                                         d_below)
+        dgates, dgates_h = self._backward_recurrence(layer, cache, dh_out, state_grad, below)
         if layer == 0:
-            dgates, dgates_h = self._backward_recurrence(layer, cache, dh_out, state_grad)
             dW_ihT = self._current.dW_ihT
             K.input_from_ids_backward(x.reshape(-1), dgates.reshape(N, -1), dW_ihT, db)
             np.copyto(g["weight_ih_l0"], dW_ihT.T)
-            d_below = None
         else:
-            # the BPTT loop adds dW_ih and dL/d(input) as it goes (its `below`)
-            d_below = cache.d_input
-            below = (_rows(caches[layer - 1].output), p[f"weight_ih_l{layer}"],
-                     g[f"weight_ih_l{layer}"], d_below)
-            dgates, dgates_h = self._backward_recurrence(layer, cache, dh_out, state_grad,
-                                                         below)
             K.bias_gradient(dgates.reshape(N, -1), db)
         if dgates_h is None:            # LSTM/RNN: both biases enter the sum equally
             g[f"bias_hh_l{layer}"][...] = db
