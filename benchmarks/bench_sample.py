@@ -10,6 +10,12 @@ a (1, 1, V) one-hot, the linear decoder, softmax and torch.multinomial per
 character, under torch.no_grad(). Rounds interleave the three so that machine
 drift hits them alike, with a short pause before each block (the other's idle
 threads spin for a while); the table gives medians of characters per second.
+
+The rate is the steady state's, startup excluded, for all three alike: a
+block's clock starts once its first WARM_UP characters are out (charlm then
+has laid out its weights, started its team and reached its long calls;
+PyTorch has made its first calls) and stops at its last. The time to those
+first characters, startup included, is in a column of its own.
 """
 
 import argparse
@@ -33,27 +39,35 @@ SETTLE_SECONDS = 0.3   # pause before each block, as in bench_train.py: PyTorch'
                        # the core that charlm's sampler team (two threads) runs on
 
 
-def rate(function, length):
+WARM_UP = 64           # characters of each block before its clock starts
+
+
+def timed_block(stream, length):
+    """(characters per second after the first WARM_UP, seconds to those
+    first WARM_UP) for a block of `length` characters from stream(length),
+    an iterator that yields as the characters are drawn."""
     started = time.perf_counter()
-    function(length)
-    return length / (time.perf_counter() - started)
+    warm = None
+    for count, _ in enumerate(stream(length), 1):
+        if count == WARM_UP:
+            warm = time.perf_counter()
+    return (length - WARM_UP) / (time.perf_counter() - warm), warm - started
 
 
-def charlm_runner(model, generator):
-    def run(length):
+def charlm_stream(model, generator):
+    def stream(length):
         rng = np.random.default_rng(0)
-        for _ in generator(model, [0], length, rng):
-            pass
-    return run
+        return generator(model, [0], length, rng)
+    return stream
 
 
-def torch_runner(model):
+def torch_stream(model):
     import torch
     c = model.config
     twin = torch_twin(model, torch)
     module, decoder = twin["rnn"], twin["decoder"]
 
-    def run(length):
+    def stream(length):
         generator = torch.Generator().manual_seed(0)
         x = torch.zeros(1, 1, c.vocab_size)
         x[0, 0, 0] = 1
@@ -65,7 +79,8 @@ def torch_runner(model):
                 i = int(torch.multinomial(p, 1, generator=generator))
                 x.zero_()
                 x[0, 0, i] = 1
-    return run
+                yield i
+    return stream
 
 
 def main():
@@ -86,28 +101,36 @@ def main():
         torch = None
     print(f"batch 1, float32, V={VOCAB}, {args.threads} threads, medians of {args.rounds} rounds"
           + ("" if torch else " (PyTorch not installed)"))
-    print("\n| model | charlm fused | charlm Python loop | PyTorch | fused / PyTorch |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| model | charlm fused | charlm Python loop | PyTorch | fused / PyTorch "
+          "| startup: fused, PyTorch (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for cell in args.cells:
         for hidden in args.hidden:
             model = Model(Config(vocab_size=VOCAB, cell=cell, hidden=hidden, layers=args.layers))
-            runners = {"fused": charlm_runner(model, generate_ids),
-                       "python": charlm_runner(model, generate_ids_reference)}
+            streams = {"fused": charlm_stream(model, generate_ids),
+                       "python": charlm_stream(model, generate_ids_reference)}
             if torch is not None:
-                runners["torch"] = torch_runner(model)
+                streams["torch"] = torch_stream(model)
             # size each block to about --seconds from a short warm-up
-            lengths = {name: max(50, int(rate(run, 200) * args.seconds))
-                       for name, run in runners.items()}
-            rates = {name: [] for name in runners}
+            lengths = {name: WARM_UP + max(50, int(timed_block(stream, 4 * WARM_UP)[0]
+                                                   * args.seconds))
+                       for name, stream in streams.items()}
+            rates = {name: [] for name in streams}
+            startups = {name: [] for name in streams}
             for _ in range(args.rounds):
-                for name, run in runners.items():
+                for name, stream in streams.items():
                     time.sleep(SETTLE_SECONDS)
-                    rates[name].append(rate(run, lengths[name]))
+                    rate, startup = timed_block(stream, lengths[name])
+                    rates[name].append(rate)
+                    startups[name].append(startup * 1e3)
             med = {name: statistics.median(r) for name, r in rates.items()}
+            start = {name: statistics.median(s) for name, s in startups.items()}
             torch_rate = med.get("torch")
-            ratio = f"{med['fused'] / torch_rate:.1f}x" if torch_rate else "n/a"
+            ratio = f"{med['fused'] / torch_rate:.2f}x" if torch_rate else "n/a"
+            torch_start = f"{start['torch']:.1f}" if torch_rate else "n/a"
             print(f"| {cell} {args.layers}x{hidden} | {med['fused']:,.0f} | {med['python']:,.0f} | "
-                  f"{f'{torch_rate:,.0f}' if torch_rate else 'n/a'} | {ratio} |", flush=True)
+                  f"{f'{torch_rate:,.0f}' if torch_rate else 'n/a'} | {ratio} | "
+                  f"{start['fused']:.1f}, {torch_start} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -290,10 +290,10 @@ def sample(model, length, temperature, prime, prime_file, seed, top_k, top_p, ar
         for k, text in enumerate(lm.sample_batch(num_samples, length, **options), 1):
             _emit(f"===== sample {k} =====\n{prime or ''}{text}\n")
         return
-    characters = lm.generate(length, **options)     # checks the prime and options first
+    pieces = lm.generate_pieces(length, **options)     # checks the prime and options first
     if prime:
         _emit(prime)
-    for text in characters:
+    for text in pieces:     # one write per block the sampler produces, not per character
         _emit(text)
     _emit("\n")
 

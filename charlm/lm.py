@@ -12,7 +12,7 @@ import numpy as np
 
 from . import checkpoint, evaluate
 from .errors import DataError, UsageError
-from .sampling import check_decoding, default_prime_ids, generate_ids
+from .sampling import check_decoding, default_prime_ids, generate_id_blocks
 
 # sample_batch holds all its text in memory (generate streams instead): a
 # bound on the batch, and on the characters it returns, keeps a typo in
@@ -54,14 +54,27 @@ class LanguageModel:
 
         >>> "".join(m.generate(50, seed=0))                 # doctest: +SKIP
         """
+        pieces = self.generate_pieces(length, temperature, prime, seed, top_k, top_p, argmax)
+        return (character for piece in pieces for character in piece)
+
+    def generate_pieces(self, length=500, temperature=1.0, prime=None, seed=None, top_k=None,
+                        top_p=None, argmax=False):
+        """The text of generate, yielded in pieces as the sampler produces them
+        (1, 2, 4, ... characters, then up to 1,024 at a time): what `charlm
+        sample` writes. Each piece is decoded at once; character by
+        character, decoding took a 2x128 LSTM's sampling from 4.8 to 8.4 us
+        per character (Intel Xeon).
+
+        >>> for piece in m.generate_pieces(0): print(piece, end="")   # doctest: +SKIP
+        """
         # Checked here, before the first character is asked for, so that a bad
         # prime or option fails before anything is printed.
         check_decoding(temperature, top_k, top_p)
         prime_ids = self._prime_ids(prime)
         rng = _generator(seed)
-        steps = generate_ids(self.model, prime_ids, length, rng, temperature=temperature,
-                             top_k=top_k, top_p=top_p, argmax=argmax)
-        return (self.vocab.decode(ids[:1]) for ids in steps)
+        blocks = generate_id_blocks(self.model, prime_ids, length, rng, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, argmax=argmax)
+        return (self.vocab.decode(block[:, 0]) for block in blocks)
 
     def sample(self, length=500, temperature=1.0, prime=None, seed=None, top_k=None,
                top_p=None, argmax=False):
@@ -71,7 +84,8 @@ class LanguageModel:
         """
         if not length:
             raise UsageError("sample() needs a length > 0; use generate() for unbounded text")
-        return "".join(self.generate(length, temperature, prime, seed, top_k, top_p, argmax))
+        return "".join(self.generate_pieces(length, temperature, prime, seed, top_k, top_p,
+                                            argmax))
 
     def sample_batch(self, count, length=500, temperature=1.0, prime=None, seed=None,
                      top_k=None, top_p=None, argmax=False):
@@ -90,10 +104,10 @@ class LanguageModel:
                              f"{MAX_BATCH_CHARS:,} characters in memory at once; "
                              f"generate long text one sample at a time")
         rng = _generator(seed)
-        steps = list(generate_ids(self.model, self._prime_ids(prime), length, rng,
-                                  temperature=temperature, top_k=top_k, top_p=top_p,
-                                  argmax=argmax, batch=count))
-        ids = np.stack(steps, axis=1)              # (count, length)
+        blocks = list(generate_id_blocks(self.model, self._prime_ids(prime), length, rng,
+                                         temperature=temperature, top_k=top_k, top_p=top_p,
+                                         argmax=argmax, batch=count))
+        ids = np.concatenate(blocks).T             # (count, length)
         return [self.vocab.decode(row) for row in ids]
 
     def log_probs(self, text):

@@ -11,7 +11,8 @@ forward), then hands over to the fused Cython kernel `sample_steps`: per
 character, one pass through every layer, the output layer, the filtering and
 the draw, with no Python in between. The kernel runs in blocks of steps
 (1, 2, 4, ... up to MAX_BLOCK), so the first character appears at once and
-later ones come in small bursts, each yielded as soon as its block is done.
+later ones come in small bursts, each yielded as soon as its block is done
+(`generate_id_blocks` yields the blocks themselves).
 
 Randomness: each block's uniforms come from the caller's numpy Generator,
 `rng.random((steps, batch))`, in step-major order, and the kernel draws by
@@ -251,16 +252,29 @@ def generate_ids(model, prime_ids, length, rng, temperature=1.0, top_k=None,
     state: the State to start from (default: zeros); not modified.
     The arguments are checked at the call, the work is done as the ids are
     taken. Runs the fused kernel; see generate_ids_reference for the same
-    draws in plain numpy.
+    draws in plain numpy, and generate_id_blocks for the same ids a block of
+    steps at a time.
     """
+    blocks = generate_id_blocks(model, prime_ids, length, rng, temperature, top_k, top_p,
+                                argmax, batch, state)
+    return (step for block in blocks for step in block)
+
+
+def generate_id_blocks(model, prime_ids, length, rng, temperature=1.0, top_k=None,
+                       top_p=None, argmax=False, batch=1, state=None):
+    """As generate_ids, but yield each block of steps as the fused kernel
+    returns it: an int32 array (steps, batch), steps = 1, 2, 4, ... up to
+    MAX_BLOCK (the last one cut to `length`). Whoever turns ids into text
+    then does so once per block: per step, decoding and writing took a 2x128
+    LSTM's sampling from 4.8 to 8.4 us per character (Intel Xeon)."""
     check_decoding(temperature, top_k, top_p)
     prime = _checked_prime(prime_ids, model.config.vocab_size)
     _check_batch(batch, state)
-    return _fused_stream(model, prime, length, rng, batch, state,
+    return _fused_blocks(model, prime, length, rng, batch, state,
                          dict(temperature=temperature, top_k=top_k, top_p=top_p, argmax=argmax))
 
 
-def _fused_stream(model, prime, length, rng, batch, state, decoding):
+def _fused_blocks(model, prime, length, rng, batch, state, decoding):
     sampler = FusedSampler(model, _primed_state(model, prime[:-1], batch, state))
     prev = np.full(batch, prime[-1], np.int32)
     produced, steps = 0, 1
@@ -272,7 +286,7 @@ def _fused_stream(model, prime, length, rng, batch, state, decoding):
         else:
             uniforms = rng.random((steps, batch))
         ids = sampler.run(prev, uniforms, **decoding)
-        yield from ids
+        yield ids
         prev = ids[-1]
         produced += steps
         steps = min(2 * steps, MAX_BLOCK)

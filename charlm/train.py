@@ -39,7 +39,7 @@ from .errors import CharlmError, DataError, ModelFileError, UsageError
 from .model import CELLS, DTYPES, Config, Model, State
 from .parallel import DataParallel, blas_threads, usable_cores, worker_count
 from .optim import OPTIMIZERS, SCHEDULES, Schedule, clip_gradients, make_optimizer
-from .sampling import default_prime_ids, generate_ids
+from .sampling import default_prime_ids, generate_id_blocks
 
 # Consecutive non-finite steps tolerated (each skipped) before giving up.
 MAX_NONFINITE_STREAK = 10
@@ -420,9 +420,10 @@ class Trainer:
         prime = default_prime_ids(vocab)
         # Its own generator, so samples never change the training's random stream.
         rng = np.random.default_rng([self.options.seed, self.progress.step])
-        ids = [int(i[0]) for i in generate_ids(self.model, prime, self.options.sample_length,
-                                               rng, temperature=0.8)]
-        _write(bar, self.echo, "----- sample -----\n" + vocab.decode(np.array(ids)) +
+        blocks = generate_id_blocks(self.model, prime, self.options.sample_length, rng,
+                                    temperature=0.8)
+        ids = np.concatenate(list(blocks))[:, 0]
+        _write(bar, self.echo, "----- sample -----\n" + vocab.decode(ids) +
                "\n------------------")
 
     def _print_summary(self, interrupted):

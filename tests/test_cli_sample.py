@@ -6,11 +6,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import charlm
 from charlm.cli import main
+from charlm.sampling import generate_ids
 
 TEXT = "Ça va? naïve façade, 日本.\nROMEO: to be or not to be.\n" * 80
 
@@ -91,6 +93,26 @@ def test_api_sample_batch_and_generate(model_path):
     assert len(texts) == 4 and all(len(t) == 50 for t in texts)
     assert "".join(lm.generate(50, seed=2)) == lm.sample(50, seed=2)
     assert lm.sample(40, argmax=True) == lm.sample(40, argmax=True, seed=99)
+
+
+def test_text_decoded_in_pieces_is_the_text_of_the_ids(model_path):
+    """generate_pieces (what sample, generate and `charlm sample` write) decodes
+    each block of the sampler at once: the same text as the ids one by one,
+    non-ASCII characters included, in pieces of 1, 2, 4, ... characters."""
+    lm = charlm.load(str(model_path))
+    length = 1500
+    pieces = list(lm.generate_pieces(length, seed=5, prime="Ça"))
+    assert [len(p) for p in pieces][:4] == [1, 2, 4, 8]
+    ids = generate_ids(lm.model, lm.vocab.encode("Ça"), length, np.random.default_rng(5))
+    one_by_one = "".join(lm.vocab.decode(step[:1]) for step in ids)
+    assert "".join(pieces) == one_by_one and len(one_by_one) == length
+    assert set(one_by_one) - set("ROMEO: to be or not to be.\n")    # not only ASCII drawn
+    assert lm.sample(length, seed=5, prime="Ça") == one_by_one
+    assert "".join(lm.generate(length, seed=5, prime="Ça")) == one_by_one
+    batch = lm.sample_batch(2, 300, seed=6, prime="Ça")
+    ids = np.stack(list(generate_ids(lm.model, lm.vocab.encode("Ça"), 300,
+                                     np.random.default_rng(6), batch=2)), axis=1)
+    assert batch == [lm.vocab.decode(row) for row in ids]
 
 
 def test_api_save_load_and_torch_state_dict(model_path, tmp_path):

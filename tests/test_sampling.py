@@ -16,8 +16,8 @@ import pytest
 from charlm import _kernels as K
 from charlm.errors import UsageError
 from charlm.model import CELLS, TORCH_CELLS, Config, Model
-from charlm.sampling import (FusedSampler, generate_ids, generate_ids_reference,
-                             probabilities)
+from charlm.sampling import (MAX_BLOCK, FusedSampler, generate_id_blocks, generate_ids,
+                             generate_ids_reference, probabilities)
 
 
 def _model(cell, layers=2, V=13, H=8, dtype="float64", seed=0):
@@ -301,6 +301,28 @@ def test_blocks_do_not_change_the_text():
         parts.append(sampler.run(prev, uniforms[a:b]))
         prev = parts[-1][-1]
     np.testing.assert_array_equal(np.vstack(parts), whole)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_id_blocks_double_up_to_the_largest_and_hold_the_steps(batch):
+    """generate_id_blocks: blocks of 1, 2, 4, ... MAX_BLOCK steps, the last cut
+    to the length; together, the steps generate_ids yields from the same seed."""
+    model = _model("gru", V=11, H=6, dtype="float32")
+    length = 2 * MAX_BLOCK + 5
+    blocks = list(generate_id_blocks(model, [1, 2], length, np.random.default_rng(4),
+                                     temperature=0.9, batch=batch))
+    sizes, expected, produced, size = [len(b) for b in blocks], [], 0, 1
+    while produced < length:
+        expected.append(min(size, length - produced))
+        produced += expected[-1]
+        size = min(2 * size, MAX_BLOCK)
+    assert sizes == expected and expected[-1] < MAX_BLOCK
+    assert all(b.shape == (len(b), batch) and b.dtype == np.int32 for b in blocks)
+    steps = list(generate_ids(model, [1, 2], length, np.random.default_rng(4),
+                              temperature=0.9, batch=batch))
+    np.testing.assert_array_equal(np.concatenate(blocks), np.stack(steps))
+    with pytest.raises(ValueError, match="prime"):      # checked at the call, not later
+        generate_id_blocks(model, [11], 5, np.random.default_rng(0))
 
 
 def test_unbounded_length_and_given_state_left_untouched():
