@@ -4,14 +4,16 @@ per-character Python loop and, when installed, a PyTorch loop, side by side.
     python benchmarks/bench_sample.py                 # 2x128 and 2x512 LSTM
     python benchmarks/bench_sample.py --cells lstm gru rnn --hidden 128 512
 
-All three start from the same weights and sample with temperature 1 from a
-one-character prime. PyTorch runs the usual loop: one nn.LSTM/GRU/RNN call on
-a (1, 1, V) one-hot, the linear decoder, softmax and torch.multinomial per
-character, under torch.no_grad(). Rounds interleave the three so that machine
-drift hits them alike, with a short pause before each block (the other's idle
-threads spin for a while); the table gives medians of characters per second.
+All start from the same weights and sample with temperature 1 from a
+one-character prime. "as text" is the fused sampler read as characters
+through LanguageModel.generate: what `charlm sample` and `m.sample` run.
+PyTorch runs the usual loop: one nn.LSTM/GRU/RNN call on a (1, 1, V)
+one-hot, the linear decoder, softmax and torch.multinomial per character,
+under torch.no_grad(). Rounds interleave the runs so that machine drift hits
+them alike, with a short pause before each block (the other's idle threads
+spin for a while); the table gives medians of characters per second.
 
-The rate is the steady state's, startup excluded, for all three alike: a
+The rate is the steady state's, startup excluded, for all alike: a
 block's clock starts once its first WARM_UP characters are out (charlm then
 has laid out its weights, started its team and reached its long calls;
 PyTorch has made its first calls) and stops at its last. The time to those
@@ -29,8 +31,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 
+from charlm.lm import LanguageModel  # noqa: E402
 from charlm.model import Config, Model  # noqa: E402
 from charlm.sampling import generate_ids, generate_ids_reference  # noqa: E402
+from charlm.vocab import Vocabulary  # noqa: E402
 from torch_twin import torch_twin  # noqa: E402
 
 VOCAB = 65
@@ -58,6 +62,16 @@ def charlm_stream(model, generator):
     def stream(length):
         rng = np.random.default_rng(0)
         return generator(model, [0], length, rng)
+    return stream
+
+
+def text_stream(model):
+    """The fused sampler as a user reads it: LanguageModel.generate's characters
+    (decoded a block at a time), over a vocabulary of VOCAB printable ones."""
+    lm = LanguageModel(model, Vocabulary(range(32, 32 + VOCAB)))
+
+    def stream(length):
+        return lm.generate(length, prime=" ", seed=0)
     return stream
 
 
@@ -101,13 +115,14 @@ def main():
         torch = None
     print(f"batch 1, float32, V={VOCAB}, {args.threads} threads, medians of {args.rounds} rounds"
           + ("" if torch else " (PyTorch not installed)"))
-    print("\n| model | charlm fused | charlm Python loop | PyTorch | fused / PyTorch "
+    print("\n| model | charlm fused | as text | charlm Python loop | PyTorch | fused / PyTorch "
           "| startup: fused, PyTorch (ms) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for cell in args.cells:
         for hidden in args.hidden:
             model = Model(Config(vocab_size=VOCAB, cell=cell, hidden=hidden, layers=args.layers))
             streams = {"fused": charlm_stream(model, generate_ids),
+                       "text": text_stream(model),
                        "python": charlm_stream(model, generate_ids_reference)}
             if torch is not None:
                 streams["torch"] = torch_stream(model)
@@ -128,7 +143,8 @@ def main():
             torch_rate = med.get("torch")
             ratio = f"{med['fused'] / torch_rate:.2f}x" if torch_rate else "n/a"
             torch_start = f"{start['torch']:.1f}" if torch_rate else "n/a"
-            print(f"| {cell} {args.layers}x{hidden} | {med['fused']:,.0f} | {med['python']:,.0f} | "
+            print(f"| {cell} {args.layers}x{hidden} | {med['fused']:,.0f} | {med['text']:,.0f} | "
+                  f"{med['python']:,.0f} | "
                   f"{f'{torch_rate:,.0f}' if torch_rate else 'n/a'} | {ratio} | "
                   f"{start['fused']:.1f}, {torch_start} |", flush=True)
 
