@@ -264,9 +264,8 @@ def generate_id_blocks(model, prime_ids, length, rng, temperature=1.0, top_k=Non
                        top_p=None, argmax=False, batch=1, state=None):
     """As generate_ids, but yield each block of steps as the fused kernel
     returns it: an int32 array (steps, batch), steps = 1, 2, 4, ... up to
-    MAX_BLOCK (the last one cut to `length`). Whoever turns ids into text
-    then does so once per block: per step, decoding and writing took a 2x128
-    LSTM's sampling from 4.8 to 8.4 us per character (Intel Xeon)."""
+    MAX_BLOCK (the last one cut to `length`), so that whoever turns ids
+    into text does it once per block (LanguageModel.generate_pieces)."""
     check_decoding(temperature, top_k, top_p)
     prime = _checked_prime(prime_ids, model.config.vocab_size)
     _check_batch(batch, state)
