@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -438,17 +439,29 @@ def markdown_table(results):
     return lines
 
 
+CONFIG_NAME = re.compile(r"(lstm|gru|rnn)-(\d+)x(\d+)-b(\d+)-s(\d+)")
+
+
 def select_configs(names, include_all):
-    available = DEFAULT_CONFIGS + EXTRA_CONFIGS
+    """The configs named (comma-separated), each a standard one or any other
+    of the form cell-LxH-bB-sT (e.g. gru-2x256-b64-s64, charlm train's
+    defaults); none named: the standard ones."""
     if not names:
-        return available if include_all else DEFAULT_CONFIGS
-    by_name = {c.name: c for c in available}
-    chosen = []
-    for name in (n.strip() for n in names.split(",") if n.strip()):
-        if name not in by_name:
-            raise UsageError(f"unknown config {name!r}; choose from {', '.join(by_name)}")
-        chosen.append(by_name[name])
-    return chosen
+        return DEFAULT_CONFIGS + EXTRA_CONFIGS if include_all else DEFAULT_CONFIGS
+    return [parse_config(name) for name in (n.strip() for n in names.split(",")) if name]
+
+
+def parse_config(name):
+    match = CONFIG_NAME.fullmatch(name)
+    if match is None:
+        raise UsageError(f"config {name!r} is not of the form cell-LxH-bB-sT with cell "
+                         f"lstm, gru or rnn (e.g. lstm-2x128-b50-s50)")
+    cell, *sizes = match.groups()
+    layers, hidden, batch, seq = (int(v) for v in sizes)
+    if not (1 <= layers <= 8 and 1 <= hidden <= 4096 and 1 <= batch <= 4096
+            and 1 <= seq <= 4096):
+        raise UsageError(f"config {name!r}: layers 1-8, hidden, batch and seq 1-4096")
+    return BenchConfig(cell, layers, hidden, batch, seq)
 
 
 def parse_args(argv):
@@ -456,8 +469,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="",
-                   help=f"comma-separated config names (default: the standard five). "
-                        f"Known: {all_names}")
+                   help=f"comma-separated configs, cell-LxH-bB-sT (default: the standard "
+                        f"five). Standard: {all_names}")
     p.add_argument("--all", action="store_true", help="also the small GRU/RNN configs")
     p.add_argument("--quick", action="store_true", help="few short rounds: a smoke test")
     p.add_argument("--threads", type=int, default=2, help="threads for BLAS and torch (default 2)")
