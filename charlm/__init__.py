@@ -6,12 +6,13 @@ Train from the shell (`charlm train corpus.txt`), then use the model here:
     >>> m = charlm.load("runs/corpus.safetensors")          # doctest: +SKIP
     >>> print(m.sample(200, temperature=0.8, prime="ROMEO:", seed=1))   # doctest: +SKIP
     >>> m.bits_per_char("To be, or not to be")              # doctest: +SKIP
-    >>> for ch in m.generate(0, seed=2): print(ch, end="")  # doctest: +SKIP
+    >>> for piece in m.generate_pieces(0, seed=2): print(piece, end="")   # doctest: +SKIP
 
 What is here:
     load(path) -> LanguageModel    a model file or checkpoint (safetensors, no pickle)
-    LanguageModel                  .sample .sample_batch .generate .log_probs
-                                   .bits_per_char .save .torch_state_dict .vocab .config
+    LanguageModel                  .sample .sample_batch .generate .generate_pieces
+                                   .log_probs .bits_per_char .save .torch_state_dict
+                                   .vocab .config
     Model, Config, State           the network itself: loss_and_grads (truncated BPTT),
                                    log_probs, next_logits, torch_state_dict
     charlm.train.Trainer           what `charlm train` runs
