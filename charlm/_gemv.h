@@ -145,16 +145,24 @@ charlm_gemv_block_##SUFFIX(const int vecs, const int has_tail, int tail, int K, 
 }                                                                                 \
                                                                                   \
 /* y[0:width] += x @ Bt[:, 0:width] for one strip of any width up to              \
- * CHARLM_GEMV_MAX_VECS vectors (the partial one included). */                    \
-static inline void charlm_gemv_strip_##SUFFIX(int K, int width, const REAL* x,    \
-                                              const REAL* bt, REAL* y)            \
+ * CHARLM_GEMV_MAX_VECS vectors (the partial one included), the rows read         \
+ * last to first when `reversed` (a constant wherever this is inlined). */        \
+static inline __attribute__((always_inline)) void                                 \
+charlm_gemv_any_strip_##SUFFIX(int K, int width, const REAL* x, const REAL* bt,   \
+                               REAL* y, const int reversed)                       \
 {                                                                                 \
     const int lanes = (int)(sizeof(VEC) / sizeof(REAL));                          \
     const int vecs = width / lanes, tail = width % lanes;                         \
     switch (2 * vecs + (tail > 0)) {                                              \
-    CHARLM_GEMV_CASES(SUFFIX, 0)                                                  \
+    CHARLM_GEMV_CASES(SUFFIX)                                                     \
     default: break;             /* wider than the layout ever makes */            \
     }                                                                             \
+}                                                                                 \
+                                                                                  \
+static inline void charlm_gemv_strip_##SUFFIX(int K, int width, const REAL* x,    \
+                                              const REAL* bt, REAL* y)            \
+{                                                                                 \
+    charlm_gemv_any_strip_##SUFFIX(K, width, x, bt, y, 0);                        \
 }                                                                                 \
                                                                                   \
 /* The same, the rows read last to first. Out of line: only large matrices        \
@@ -164,37 +172,34 @@ static __attribute__((noinline)) void                                           
 charlm_gemv_strip_reversed_##SUFFIX(int K, int width, const REAL* x,              \
                                     const REAL* bt, REAL* y)                      \
 {                                                                                 \
-    const int lanes = (int)(sizeof(VEC) / sizeof(REAL));                          \
-    const int vecs = width / lanes, tail = width % lanes;                         \
-    switch (2 * vecs + (tail > 0)) {                                              \
-    CHARLM_GEMV_CASES(SUFFIX, 1)                                                  \
-    default: break;                                                               \
-    }                                                                             \
+    charlm_gemv_any_strip_##SUFFIX(K, width, x, bt, y, 1);                        \
 }
-#define CHARLM_GEMV_CASE(SUFFIX, V, R)                                            \
-    case 2 * V: charlm_gemv_block_##SUFFIX(V, 0, 0, K, x, bt, y, R); break;       \
-    case 2 * V + 1: charlm_gemv_block_##SUFFIX(V, 1, tail, K, x, bt, y, R); break;
+
+/* The cases of charlm_gemv_any_strip's switch, which name its arguments. */
+#define CHARLM_GEMV_CASE(SUFFIX, V)                                               \
+    case 2 * V: charlm_gemv_block_##SUFFIX(V, 0, 0, K, x, bt, y, reversed); break;\
+    case 2 * V + 1: charlm_gemv_block_##SUFFIX(V, 1, tail, K, x, bt, y, reversed); break;
 
 #if CHARLM_GEMV_MAX_VECS == 16
-#define CHARLM_GEMV_CASES_ABOVE_13(SUFFIX, R)                                     \
-    CHARLM_GEMV_CASE(SUFFIX, 14, R) CHARLM_GEMV_CASE(SUFFIX, 15, R)               \
-    case 2 * 16: charlm_gemv_block_##SUFFIX(16, 0, 0, K, x, bt, y, R); break;
+#define CHARLM_GEMV_CASES_ABOVE_13(SUFFIX)                                        \
+    CHARLM_GEMV_CASE(SUFFIX, 14) CHARLM_GEMV_CASE(SUFFIX, 15)                     \
+    case 2 * 16: charlm_gemv_block_##SUFFIX(16, 0, 0, K, x, bt, y, reversed); break;
 #else
-#define CHARLM_GEMV_CASES_ABOVE_13(SUFFIX, R)                                     \
-    case 2 * 14: charlm_gemv_block_##SUFFIX(14, 0, 0, K, x, bt, y, R); break;
+#define CHARLM_GEMV_CASES_ABOVE_13(SUFFIX)                                        \
+    case 2 * 14: charlm_gemv_block_##SUFFIX(14, 0, 0, K, x, bt, y, reversed); break;
 #endif
 /* Every (vectors, tail) a strip can have: up to CHARLM_GEMV_MAX_VECS
  * registers, the partial vector counted. */
-#define CHARLM_GEMV_CASES(SUFFIX, R)                                              \
-    case 1: charlm_gemv_block_##SUFFIX(0, 1, tail, K, x, bt, y, R); break;        \
-    CHARLM_GEMV_CASE(SUFFIX, 1, R) CHARLM_GEMV_CASE(SUFFIX, 2, R)                 \
-    CHARLM_GEMV_CASE(SUFFIX, 3, R) CHARLM_GEMV_CASE(SUFFIX, 4, R)                 \
-    CHARLM_GEMV_CASE(SUFFIX, 5, R) CHARLM_GEMV_CASE(SUFFIX, 6, R)                 \
-    CHARLM_GEMV_CASE(SUFFIX, 7, R) CHARLM_GEMV_CASE(SUFFIX, 8, R)                 \
-    CHARLM_GEMV_CASE(SUFFIX, 9, R) CHARLM_GEMV_CASE(SUFFIX, 10, R)                \
-    CHARLM_GEMV_CASE(SUFFIX, 11, R) CHARLM_GEMV_CASE(SUFFIX, 12, R)               \
-    CHARLM_GEMV_CASE(SUFFIX, 13, R)                                               \
-    CHARLM_GEMV_CASES_ABOVE_13(SUFFIX, R)
+#define CHARLM_GEMV_CASES(SUFFIX)                                                 \
+    case 1: charlm_gemv_block_##SUFFIX(0, 1, tail, K, x, bt, y, reversed); break; \
+    CHARLM_GEMV_CASE(SUFFIX, 1) CHARLM_GEMV_CASE(SUFFIX, 2)                       \
+    CHARLM_GEMV_CASE(SUFFIX, 3) CHARLM_GEMV_CASE(SUFFIX, 4)                       \
+    CHARLM_GEMV_CASE(SUFFIX, 5) CHARLM_GEMV_CASE(SUFFIX, 6)                       \
+    CHARLM_GEMV_CASE(SUFFIX, 7) CHARLM_GEMV_CASE(SUFFIX, 8)                       \
+    CHARLM_GEMV_CASE(SUFFIX, 9) CHARLM_GEMV_CASE(SUFFIX, 10)                      \
+    CHARLM_GEMV_CASE(SUFFIX, 11) CHARLM_GEMV_CASE(SUFFIX, 12)                     \
+    CHARLM_GEMV_CASE(SUFFIX, 13)                                                  \
+    CHARLM_GEMV_CASES_ABOVE_13(SUFFIX)
 
 CHARLM_DEFINE_GEMV(f, float, charlm_vf)
 CHARLM_DEFINE_GEMV(d, double, charlm_vd)
