@@ -20,7 +20,6 @@ import argparse
 import ctypes
 import glob
 import os
-import platform
 import subprocess
 import sys
 import sysconfig
@@ -30,6 +29,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from bench_train import cpu_model  # noqa: E402
 
 
 def scipy_openblas():
@@ -80,22 +82,12 @@ def main():
         command += [mkl, "sgemm_"]
     with tempfile.TemporaryDirectory() as workdir:
         exe = build(workdir)
-        print(f"{cpu_name()}, one thread, GFLOP/s, medians of 9 alternating rounds, "
+        print(f"{cpu_model()}, one thread, GFLOP/s, medians of 9 alternating rounds, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
         print(f"OpenBLAS: {openblas}")
         print(f"MKL: {mkl or 'not installed (pip install mkl, or --mkl PATH)'}\n", flush=True)
         if subprocess.run([str(exe), *command], env=env).returncode != 0:
             sys.exit("bench_blas: the harness failed (see above)")
-
-
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":
