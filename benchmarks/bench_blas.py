@@ -5,9 +5,9 @@ charlm's own kernel, in GFLOP/s.
     python benchmarks/bench_blas.py --mkl /path/to/libmkl_rt.so.3
 
 charlm calls the OpenBLAS that scipy ships (scipy.linalg.cython_blas) for
-the products it does not run on its own packed kernel. The issue that asked
-for speed suggested MKL (on PyPI as `mkl`) as a faster BLAS, to be measured
-before it is adopted: this is that measurement. It builds
+the products it does not run on its own packed kernel. MKL (on PyPI as
+`mkl`) is the usual candidate for a faster BLAS; this is the measurement
+that decides whether it would pay (README, Design: BLAS). It builds
 benchmarks/blas_products.c with gcc (the flags setup.py uses) against
 charlm/_packed_gemm.h, loads both libraries with dlopen, and times each
 product by each library in alternating rounds on one thread (medians of 9).

@@ -443,10 +443,11 @@ class Model:
         N = x.size
         db = g[f"bias_ih_l{layer}"]
         # Above layer 0 the BPTT loop adds dW_ih and dL/d(input) as it goes.
-        d_below = None if layer == 0 else cache.d_input
-        below = None if layer == 0 else (_rows(caches[layer - 1].output),
-                                         p[f"weight_ih_l{layer}"], g[f"weight_ih_l{layer}"],
-                                         d_below)
+        d_below = below = None
+        if layer > 0:
+            d_below = cache.d_input
+            below = (_rows(caches[layer - 1].output), p[f"weight_ih_l{layer}"],
+                     g[f"weight_ih_l{layer}"], d_below)
         dgates, dgates_h = self._backward_recurrence(layer, cache, dh_out, state_grad, below)
         if layer == 0:
             dW_ihT = self._current.dW_ihT
